@@ -102,4 +102,9 @@ class OPDConfig(DistillationConfig):
 
                 kwargs = json.loads(kwargs)
             self.chat_template_kwargs = {**(kwargs or {}), "enable_thinking": self.enable_thinking}
+        if self.bf16 is None and not self.fp16:
+            import torch
+
+            # TRL turns bf16 mixed precision on by default; on CPU it is slow and lossy, so default it to GPUs.
+            self.bf16 = torch.cuda.is_available()
         super().__post_init__()

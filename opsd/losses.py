@@ -163,8 +163,9 @@ def per_token_divergence(
 
 def divergence_reference(student_logits, teacher_logits, beta, temperature=1.0):
     """Direct full-logit per-token divergence and student entropy (differentiable; for tests and benchmarks)."""
-    log_ps = F.log_softmax(student_logits.float() / temperature, -1)
-    log_pt = F.log_softmax(teacher_logits.float() / temperature, -1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float64 inputs stay float64
+    log_ps = F.log_softmax(student_logits.to(dtype) / temperature, -1)
+    log_pt = F.log_softmax(teacher_logits.to(dtype) / temperature, -1)
     ps, pt = log_ps.exp(), log_pt.exp()
     entropy = -(ps * log_ps).sum(-1)
     if beta == 1.0:

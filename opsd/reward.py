@@ -151,7 +151,7 @@ _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 def normalize_answer(ans) -> str:
     """Conservative string normal form of an answer (the fallback when math_verify cannot decide).
 
-    Removes: surrounding ``$``/``\\(\\)``/``\\[\\]``, ``\\left``/``\\right``, ``\\!``/``\\,``/``\\;``/``~`` spacing,
+    Removes: all ``$`` (and ``\\$``), surrounding ``\\(\\)``/``\\[\\]``, ``\\left``/``\\right``, ``\\!``/``\\,``/``\\;``/``~`` spacing,
     all whitespace, a trailing period, ``^\\circ``/``^{\\circ}``/``\\%``/``%``, a unit after a number
     (``5 \\text{ cm}``, ``5 cm``), a leading ``x =`` style variable assignment. Unwraps ``\\text{...}``
     (``\\text{(C)}`` -> ``(C)``), maps ``\\dfrac``/``\\tfrac`` -> ``\\frac``, ``\\frac12`` -> ``\\frac{1}{2}``, and
@@ -161,13 +161,14 @@ def normalize_answer(ans) -> str:
         return ""
     s = str(ans).strip()
     s = _strip_outer(s)
+    s = s.replace("\\$", "").replace("$", "")  # dollar signs (math delimiters or currency)
     s = s.replace("\\left", "").replace("\\right", "")
     s = s.replace("\\displaystyle", "")
     s = re.sub(r"\\[!,;:> ]", " ", s).replace("~", " ")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.strip().rstrip(".").strip()
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s)
-    s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
+    s = s.replace("\\%", "").replace("%", "")
     # unit after a number: "5 \text{ cm}" -> "5", "12 cm" -> "12"
     m = _NUMBER_BEFORE_TEXT_RE.match(s)
     if m:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent environment setup: a virtualenv in .venv with the CPU-safe requirements; GPU extras only where a GPU is.
+# Re-running is cheap: pip skips what is already installed. VENV=path overrides the location.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+stamp="$VENV/.opsd-requirements.sha"
+want=$(cat requirements.txt requirements-gpu.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ "${FORCE_SETUP:-0}" != 1 ]; then
+  echo "[setup] $VENV is up to date"
+  exit 0
+fi
+$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+# torch first, pinned to a version whose CPU build is local here; on a GPU machine the default index gives CUDA.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch ${TORCH_VERSION:-2.13.0}"
+  $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+fi
+echo "[setup] installing requirements.txt"
+$PIP install -q -r requirements.txt
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "[setup] GPU found: installing requirements-gpu.txt (failures of optional extras are reported, not fatal)"
+  $PIP install -q -r requirements-gpu.txt || echo "[setup] warning: some GPU extras failed to install"
+fi
+echo "$want" > "$stamp"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, trl, transformers; print("torch", torch.__version__, "trl", trl.__version__, "transformers", transformers.__version__)')"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment (idempotent) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash run_scripts/setup.sh
+VENV=${VENV:-.venv}
+exec "$VENV/bin/python" -m pytest tests "$@"

@@ -1,0 +1,198 @@
+"""OPDTrainer's loss vs a direct full-logit reference: loss types, normalizations, tool masks, the selection seam,
+and gradient-accumulation split invariance."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+from opsd.config import OPDConfig
+from opsd.losses import divergence_reference
+from opsd.models import load_causal_lm, load_tokenizer
+from opsd.selection import TokenChoice, TokenSelector
+from opsd.trainer import OPDTrainer
+from tiny import save_pair
+
+P, C = 3, 6
+LENGTHS = [6, 3, 1, 5]  # completion lengths of the 4 sequences
+
+
+class EvenPositions(TokenSelector):
+    """Keeps tokens at even positions, with weight 1 + position; exercises the statistics pass and teacher cache."""
+
+    def __init__(self, scope="rollout_batch", weighted=False):
+        self.scope, self.weighted, self.calls = scope, weighted, 0
+
+    def statistics(self, view):
+        assert view.student_hidden.shape[0] == view.teacher_hidden.shape[0] == view.positions.numel()
+        self.calls += 1
+        return {"position": view.positions.float()}
+
+    def choose(self, stats, sequence_ids, positions, generator):
+        keep = positions % 2 == 0
+        return TokenChoice(keep, (1.0 + positions.float()) if self.weighted else None, {"test/kept": keep.float().sum().item()})
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(str(tmp_path_factory.mktemp("pair")))
+
+
+def make_trainer(pair, tmp_path, ga=1, bs=4, selector=None, **cfg):
+    student_dir, teacher_dir = pair
+    args = OPDConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                     report_to=[], bf16=False, gradient_checkpointing=False, use_cpu=True, max_completion_length=C,
+                     save_strategy="no", **cfg)
+    data = Dataset.from_list([{"prompt": "1+1="}] * 8)
+    return OPDTrainer(load_causal_lm(student_dir), teacher_dir, args=args, train_dataset=data,
+                      processing_class=load_tokenizer(student_dir), token_selector=selector)
+
+
+def fixed_batch(tool_mask=True):
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "prompt_ids": torch.randint(2, 20, (4, P), generator=g),
+        "prompt_mask": torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]]),
+        "completion_ids": torch.randint(2, 20, (4, C), generator=g),
+        "completion_mask": torch.tensor([[1] * n + [0] * (C - n) for n in LENGTHS]),
+    }
+    if tool_mask:
+        batch["tool_mask"] = torch.ones(4, C, dtype=torch.long)
+        batch["tool_mask"][0, 2:4] = 0  # tool output inside the first completion
+    return batch
+
+
+def split(batch, parts):
+    size = 4 // parts
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def trainer_loss_and_grads(trainer, micro_batches):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    trainer._select_tokens(micro_batches)
+    total = 0.0
+    for mb in micro_batches:
+        loss, _, _ = trainer._compute_loss(trainer.model, mb)
+        loss.backward()
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def reference_loss_and_grads(trainer, batch, keep_fn=None, weight_fn=None, normalization="kept_tokens"):
+    """Materialize the full logits of both models and apply the definition of each normalization."""
+    model, teacher = trainer.model, trainer.teacher_model
+    model.zero_grad()
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    z_s = model(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
+    with torch.no_grad():
+        z_t = teacher(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
+    div, _ = divergence_reference(z_s, z_t, trainer.beta)
+    valid = batch["completion_mask"].bool() & batch.get("tool_mask", torch.ones_like(batch["completion_mask"])).bool()
+    positions = valid.long().cumsum(1) - 1
+    keep = valid if keep_fn is None else valid & keep_fn(positions)
+    w = keep.float() * (1.0 if weight_fn is None else weight_fn(positions))
+    if normalization == "kept_tokens":
+        loss = (div * w).sum() / keep.sum()
+    elif normalization == "all_tokens":
+        loss = (div * w).sum() / valid.sum()
+    else:
+        per_seq = (div * w).sum(1) / keep.sum(1).clamp_min(1)
+        loss = per_seq[keep.sum(1) > 0].mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(got, ref):
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert set(got[1]) == set(ref[1])
+    for name in ref[1]:
+        torch.testing.assert_close(got[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss_type", ["reverse_kl", "forward_kl", "jsd"])
+@pytest.mark.parametrize("normalization", ["kept_tokens", "all_tokens", "sequence"])
+def test_full_token_loss_matches_reference(pair, tmp_path, loss_type, normalization):
+    trainer = make_trainer(pair, tmp_path, loss_type=loss_type, loss_normalization=normalization)
+    batch = fixed_batch()
+    assert_same(trainer_loss_and_grads(trainer, [dict(batch)]),
+                reference_loss_and_grads(trainer, batch, normalization=normalization))
+
+
+@pytest.mark.parametrize("normalization", ["kept_tokens", "all_tokens", "sequence"])
+@pytest.mark.parametrize("backend", ["chunked", "trl"])
+def test_selected_loss_matches_masked_reference(pair, tmp_path, normalization, backend):
+    selector = EvenPositions(weighted=True)
+    trainer = make_trainer(pair, tmp_path, selector=selector, loss_normalization=normalization,
+                           divergence_backend=backend)
+    batch = fixed_batch()
+    got = trainer_loss_and_grads(trainer, [dict(batch)])
+    ref = reference_loss_and_grads(trainer, batch, keep_fn=lambda p: p % 2 == 0, weight_fn=lambda p: 1.0 + p,
+                                   normalization=normalization)
+    assert_same(got, ref)
+    assert selector.calls == 1
+    assert trainer._metrics["train"]["kept_fraction"][-1] == pytest.approx(8 / 13)  # even positions: 2 + 2 + 1 + 3 of 13
+
+
+@pytest.mark.parametrize("normalization", ["kept_tokens", "sequence"])
+@pytest.mark.parametrize("with_selector", [False, True])
+def test_accumulation_split_invariance(pair, tmp_path, normalization, with_selector):
+    """One micro-batch of 4 and four micro-batches of 1 give the same loss and gradient."""
+    batch = fixed_batch()
+    results = []
+    for ga, bs in ((1, 4), (4, 1)):
+        selector = EvenPositions() if with_selector else None
+        trainer = make_trainer(pair, tmp_path, ga=ga, bs=bs, selector=selector, loss_normalization=normalization)
+        results.append(trainer_loss_and_grads(trainer, split(batch, ga)))
+    assert_same(results[1], results[0])
+
+
+def test_tool_tokens_never_enter_the_loss(pair, tmp_path):
+    trainer = make_trainer(pair, tmp_path)
+    batch = fixed_batch()
+    trainer._select_tokens([batch])
+    assert batch["loss_weights"][0, 2:4].abs().sum() == 0
+    assert (batch["loss_weights"] > 0).sum() == 13  # 15 completion tokens - 2 tool tokens
+    # changing a tool-output token's teacher view must not change the loss
+    other = dict(fixed_batch())
+    other["completion_ids"] = other["completion_ids"].clone()
+    other["completion_ids"][0, 3] = 7  # last tool token: its prediction is masked; later tokens see it in context
+    trainer._select_tokens([other])
+    assert (other["loss_weights"] > 0).sum() == 13
+
+
+def test_rollout_scope_runs_teacher_once_per_micro_batch(pair, tmp_path):
+    selector = EvenPositions(scope="rollout_batch")
+    trainer = make_trainer(pair, tmp_path, ga=2, bs=2, selector=selector)
+    mbs = split(fixed_batch(), 2)
+    calls = []
+    original = trainer._teacher_hidden
+    trainer._teacher_hidden = lambda b: calls.append(1) or original(b)
+    trainer_loss_and_grads(trainer, mbs)
+    assert len(calls) == 2  # the statistics pass; the gradient pass reused the cached hidden states
+    assert all("teacher_hidden" in mb for mb in mbs)
+
+
+def test_nonfinite_loss_is_skipped_with_zero_gradient(pair, tmp_path):
+    trainer = make_trainer(pair, tmp_path)
+    batch = fixed_batch()
+    trainer._select_tokens([batch])
+    batch["loss_weights"] = batch["loss_weights"] * float("nan")
+    trainer.model.zero_grad()
+    with pytest.warns(UserWarning, match="Non-finite"):
+        loss, _, _ = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() == 0
+               for p in trainer.model.parameters() if p.grad is not None)
+
+
+def test_bad_config_values_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="loss_type"):
+        OPDConfig(output_dir=str(tmp_path), loss_type="kl")
+    with pytest.raises(ValueError, match="loss_normalization"):
+        OPDConfig(output_dir=str(tmp_path), loss_normalization="tokens")
+    with pytest.raises(ValueError, match="jsd_beta"):
+        OPDConfig(output_dir=str(tmp_path), loss_type="jsd", jsd_beta=1.0)
+    assert OPDConfig(output_dir=str(tmp_path), loss_type="forward_kl").beta == 0.0
+    assert OPDConfig(output_dir=str(tmp_path), enable_thinking=False).chat_template_kwargs == {"enable_thinking": False}
