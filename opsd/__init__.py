@@ -1,20 +1,20 @@
 """opsd: memory-efficient on-policy distillation (OPD) on top of TRL's DistillationTrainer.
 
 The baseline layer: full-token OPD with one token-selection seam (opsd.selection) that tip_ext plugs into.
+Names are imported lazily: `python -m opsd.data` and friends should not pay for importing TRL.
 """
 
-from .config import OPDConfig
-from .heads import LMHead, head_of
-from .losses import divergence_reference, per_token_divergence
-from .selection import TokenChoice, TokenSelector, TokenView
+_EXPORTS = {
+    "OPDConfig": "config", "OPDTrainer": "trainer", "LMHead": "heads", "head_of": "heads",
+    "per_token_divergence": "losses", "divergence_reference": "losses", "TokenSelector": "selection",
+    "TokenView": "selection", "TokenChoice": "selection",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["OPDConfig", "LMHead", "head_of", "per_token_divergence", "divergence_reference", "TokenSelector",
-           "TokenView", "TokenChoice", "OPDTrainer"]
 
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
 
-def __getattr__(name):  # the trainer pulls in the whole TRL stack: import it on first use
-    if name == "OPDTrainer":
-        from .trainer import OPDTrainer
-
-        return OPDTrainer
-    raise AttributeError(name)
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'opsd' has no attribute {name!r}")
