@@ -43,14 +43,15 @@ def peak_memory_gb(device: torch.device) -> float:
 class OPDTrainer(DistillationTrainer):
     """Full-token OPD (no selector) or OPD on the tokens a `TokenSelector` keeps.
 
-    Args beyond TRL's: `token_selector` (see opsd.selection), `sample_weights_fn(inputs, completions_text) ->
-    Tensor[B]` for per-sample weights (reward weighting), `teacher_tokenizer` (checked against the student's).
+    Args beyond TRL's: `token_selector` (see opsd.selection); `reward_fn(completion_text, answer) -> float` for
+    upstream's reward weighting w_i = n * softmax(r_i / reward_beta) over the whole generation batch (all processes);
+    `teacher_tokenizer` (checked against the student's).
     """
 
     def __init__(self, model, teacher_model=None, args: OPDConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
                  quantization_config=None, peft_config=None, tools=None, token_selector: TokenSelector | None = None,
-                 sample_weights_fn=None, teacher_tokenizer=None):
+                 reward_fn=None, teacher_tokenizer=None):
         if args is None:
             args = OPDConfig(output_dir="opd-output")
         if not isinstance(args, OPDConfig):
@@ -87,7 +88,11 @@ class OPDTrainer(DistillationTrainer):
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
         self.token_selector = token_selector
-        self.sample_weights_fn = sample_weights_fn
+        if reward_fn is None and args.reward_beta and args.reward_beta > 0 and args.reward_function:
+            from .reward import get_reward_fn
+
+            reward_fn = get_reward_fn(args.reward_function)
+        self.reward_fn = reward_fn
 
     # ----- data -----------------------------------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
@@ -117,15 +122,27 @@ class OPDTrainer(DistillationTrainer):
         accumulation = self.args.gradient_accumulation_steps
         if self._step % accumulation == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score_completions(generation_batch)
-            if self.sample_weights_fn is not None:
-                completions = self.processing_class.batch_decode(batch["completion_ids"], skip_special_tokens=True)
-                batch["sample_weights"] = self.sample_weights_fn(generation_batch, completions).to(
-                    batch["completion_ids"].device, torch.float32)
+            if self.reward_fn is not None:
+                batch["sample_weights"] = self._reward_weights(generation_batch, batch)
             batch = shuffle_sequence_dict(split_pixel_values_by_grid(batch))
             micro_batches = [unsplit_pixel_values_by_grid(b) for b in split_tensor_dict(batch, accumulation)]
             self._select_tokens(micro_batches)
             self._buffered_inputs = micro_batches
         return self._buffered_inputs[self._step % accumulation]
+
+    def _reward_weights(self, inputs, batch) -> torch.Tensor:
+        """Per-sample weights n * softmax(r / reward_beta) over the generation batch of all processes."""
+        from .reward import reward_weights
+
+        if "answer" not in inputs[0]:
+            raise ValueError("Reward weighting needs an `answer` column in the prompt file.")
+        completions = self.processing_class.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+        rewards = torch.tensor([float(self.reward_fn(c, x["answer"])) for c, x in zip(completions, inputs)],
+                               device=self.accelerator.device)
+        all_rewards = self.accelerator.gather(rewards)
+        self._metrics["train"]["reward"].append(all_rewards.mean().item())
+        start = self.accelerator.process_index * rewards.numel()
+        return reward_weights(all_rewards, self.args.reward_beta)[start:start + rewards.numel()].float()
 
     @staticmethod
     def _loss_mask(batch) -> torch.Tensor:
