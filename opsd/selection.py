@@ -43,6 +43,7 @@ class TokenChoice:
     keep: torch.Tensor  # bool [N]
     weights: torch.Tensor | None = None  # float [N] multiplying each kept token's loss; None = 1
     metrics: dict[str, float] = field(default_factory=dict)
+    score: torch.Tensor | None = None  # float [N] ranking score, when the rule has one (token dumps, plots)
 
 
 class TokenSelector:

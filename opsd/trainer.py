@@ -266,8 +266,9 @@ class OPDTrainer(DistillationTrainer):
             all_stats = {name: self._gather_rows(local[name].to(device))[0] for name in names}
             choice = _choose(selector, all_stats, seq_all, pos_all, generator)
             n = seq.numel()
-            choice = TokenChoice(choice.keep[start:start + n],
-                                 None if choice.weights is None else choice.weights[start:start + n], choice.metrics)
+            part = slice(start, start + n)
+            choice = TokenChoice(choice.keep[part], None if choice.weights is None else choice.weights[part],
+                                 choice.metrics, None if choice.score is None else choice.score[part])
         else:
             choice = _choose(selector, local, seq, pos, generator)
         return choice, sizes
@@ -308,7 +309,7 @@ def _choose(selector, stats, sequence_ids, positions, generator) -> TokenChoice:
     if selector.scope != "sequence":
         return selector.choose(stats, sequence_ids, positions, generator)
     keep = torch.zeros(sequence_ids.numel(), dtype=torch.bool, device=sequence_ids.device)
-    weights, metrics = None, {}
+    weights, score, metrics = None, None, {}
     sequences = torch.unique(sequence_ids)
     for seq in sequences:
         idx = (sequence_ids == seq).nonzero(as_tuple=True)[0]
@@ -317,13 +318,17 @@ def _choose(selector, stats, sequence_ids, positions, generator) -> TokenChoice:
         if part.weights is not None:
             weights = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device) if weights is None else weights
             weights[idx] = part.weights.to(weights.device, torch.float32)
+        if part.score is not None:
+            score = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device) if score is None else score
+            score[idx] = part.score.to(score.device, torch.float32)
         for name, value in part.metrics.items():  # per-sequence metrics: averaged over the sequences
             metrics[name] = metrics.get(name, 0.0) + value / len(sequences)
-    return TokenChoice(keep, weights, metrics)
+    return TokenChoice(keep, weights, metrics, score)
 
 
 def _split_choice(choice: TokenChoice, sizes: list[int]) -> list[TokenChoice]:
     keeps = torch.split(choice.keep, sizes)
     weights = [None] * len(sizes) if choice.weights is None else torch.split(choice.weights, sizes)
-    return [TokenChoice(k, w) for k, w in zip(keeps, weights)]
+    scores = [None] * len(sizes) if choice.score is None else torch.split(choice.score, sizes)
+    return [TokenChoice(k, w, score=s) for k, w, s in zip(keeps, weights, scores)]
 
