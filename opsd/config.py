@@ -70,6 +70,18 @@ class OPDConfig(DistillationConfig):
         metadata={"help": "Completions sampled per prompt (upstream's ROLLOUT_N). The per-device generation batch "
                   "must be divisible by it."},
     )
+    teacher_quantization: str | None = field(
+        default=None,
+        metadata={"help": "Load the teacher quantized with bitsandbytes: '8bit' or '4bit' (nf4, compute dtype = the "
+                  "teacher dtype). Needs bitsandbytes (requirements-gpu.txt)."},
+    )
+    teacher_offload: bool = field(
+        default=False,
+        metadata={"help": "Keep the teacher on the CPU except during its pass: once per optimizer step the teacher "
+                  "moves to the GPU, computes its hidden states for every micro-batch of the generation batch (cached "
+                  "for the student phase; ~V/H times smaller than cached logits) and moves back. Its lm_head stays "
+                  "on the GPU. Single-process or DDP only (not with DeepSpeed/FSDP sharding)."},
+    )
     skip_nonfinite_loss: bool = field(
         default=True,
         metadata={"help": "On a NaN/inf loss, log a warning and contribute a zero gradient instead of corrupting "
@@ -89,6 +101,8 @@ class OPDConfig(DistillationConfig):
             )
         if self.loss_type == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"jsd_beta must be in (0, 1) for loss_type='jsd', got {self.jsd_beta}.")
+        if self.teacher_quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"teacher_quantization must be None, '8bit' or '4bit', got {self.teacher_quantization!r}.")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}.")
         if self.rollout_n < 1:

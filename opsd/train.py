@@ -55,9 +55,12 @@ def load_models(model_args: ModelConfig, train_args: OPDConfig):
     quantization = get_quantization_config(model_args)
     kwargs = {}
     if quantization is not None:
-        from trl.trainer.utils import get_kbit_device_map
+        import torch
+        from accelerate import PartialState
 
-        kwargs = {"quantization_config": quantization, "device_map": get_kbit_device_map()}
+        # k-bit weights are placed at load time: on this process's GPU (one copy per data-parallel rank)
+        kwargs = {"quantization_config": quantization,
+                  "device_map": {"": PartialState().local_process_index} if torch.cuda.is_available() else None}
     student = load_causal_lm(student_path, dtype=model_args.dtype or "float32",
                              attn_implementation=model_args.attn_implementation, what="Student model", **kwargs)
     teacher_path = train_args.teacher_model_name_or_path

@@ -33,6 +33,23 @@ from .models import load_causal_lm, resolve_distill_vocab
 from .selection import SCOPES, TokenChoice, TokenSelector, TokenView, loss_weights, valid_token_index
 
 
+def quantization_config_for(kind: str, dtype):
+    """bitsandbytes config for an 8-bit or 4-bit (nf4) frozen model computing in `dtype`."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    from .models import resolve_dtype
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{kind} quantization needs bitsandbytes: pip install -r requirements-gpu.txt")
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = resolve_dtype(dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute if isinstance(compute, torch.dtype) else torch.bfloat16)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """CUDA max allocated on GPU, else the process peak RSS (Linux reports KiB)."""
     if device.type == "cuda":
@@ -66,8 +83,10 @@ class OPDTrainer(DistillationTrainer):
                              f"(per_device_train_batch_size x gradient_accumulation_steps = {local_batch}).")
         if isinstance(teacher_model, str):
             init = dict(args.teacher_model_init_kwargs or {})
-            teacher_model = load_causal_lm(teacher_model, dtype=init.pop("dtype", "float32"), what="Teacher model",
-                                           **init)
+            dtype = init.pop("dtype", "float32")
+            if args.teacher_quantization:
+                init["quantization_config"] = quantization_config_for(args.teacher_quantization, dtype)
+            teacher_model = load_causal_lm(teacher_model, dtype=dtype, what="Teacher model", **init)
         if teacher_model is None:
             raise ValueError("OPDTrainer needs a teacher model (a local path or a loaded model).")
         # TRL refuses teachers whose vocab_size differs; we compare over the shared real vocabulary instead, so the
@@ -87,6 +106,11 @@ class OPDTrainer(DistillationTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
+        if args.teacher_offload:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError("teacher_offload is for single-process/DDP runs; with DeepSpeed ZeRO-3 or FSDP the "
+                                 "teacher is sharded instead (see run_scripts/accelerate/).")
+            self._place_teacher(torch.device("cpu"))
         self.token_selector = token_selector
         if reward_fn is None and args.reward_beta and args.reward_beta > 0 and args.reward_function:
             from .reward import get_reward_fn
@@ -116,6 +140,8 @@ class OPDTrainer(DistillationTrainer):
     def _prepare_inputs(self, generation_batch):
         if not self.model.training:
             batch = self._generate_and_score_completions(generation_batch)
+            if self.args.teacher_offload:
+                self._teacher_phase([batch])
             mask = self._loss_mask(batch).float()
             batch["loss_weights"] = mask / mask.sum().clamp_min(1.0)  # evaluation: full-token mean
             return batch
@@ -163,6 +189,30 @@ class OPDTrainer(DistillationTrainer):
         return self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
                                          unwrapped_teacher, *self._model_inputs(batch))
 
+    def _place_teacher(self, device: torch.device) -> None:
+        """Move the teacher's backbone to `device`; its lm_head stays next to the student's for the loss."""
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        head = teacher.get_output_embeddings()
+        for module in teacher.children():
+            if module is not head:
+                module.to(device)
+        head.to(self.accelerator.device)
+
+    def _teacher_phase(self, micro_batches: list[dict]) -> None:
+        """Teacher hidden states of every micro-batch of the step, cached in the batches (`teacher_hidden`), so the
+        teacher runs once per step and, when offloaded, is on the accelerator only during this pass."""
+        pending = [mb for mb in micro_batches if "teacher_hidden" not in mb]
+        if not pending:
+            return
+        if self.args.teacher_offload:
+            self._place_teacher(self.accelerator.device)
+        for mb in pending:
+            mb["teacher_hidden"] = self._teacher_hidden(mb)
+        if self.args.teacher_offload:
+            self._place_teacher(torch.device("cpu"))
+            if self.accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def _all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         value = value.reshape(1).float().to(self.accelerator.device)
         return self.accelerator.gather(value).sum() if self.accelerator.num_processes > 1 else value.sum()
@@ -186,6 +236,8 @@ class OPDTrainer(DistillationTrainer):
         selector = self.token_selector
         masks = [self._loss_mask(mb) for mb in micro_batches]
         keeps, weights = masks, [None] * len(masks)
+        if self.args.teacher_offload or (selector is not None and selector.needs_model_pass):
+            self._teacher_phase(micro_batches)
         if selector is not None:
             keeps, weights = self._run_selector(selector, micro_batches, masks)
         weights = [w if "sample_weights" not in mb else (1.0 if w is None else w) * mb["sample_weights"][:, None]
@@ -214,7 +266,6 @@ class OPDTrainer(DistillationTrainer):
                              positions=positions, temperature=self.temperature)
             offset += mask.shape[0]
             if selector.needs_model_pass:
-                mb["teacher_hidden"] = self._teacher_hidden(mb)
                 hidden = self._get_last_hidden_state(student, *self._model_inputs(mb))
                 view.student_hidden = hidden.reshape(-1, hidden.shape[-1])[flat].to(s_head.weight.device)
                 view.teacher_hidden = mb["teacher_hidden"].reshape(-1, mb["teacher_hidden"].shape[-1])[flat].to(

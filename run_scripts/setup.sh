@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent environment setup: a virtualenv in .venv with the CPU-safe requirements; GPU extras only where a GPU is.
-# Re-running is cheap: pip skips what is already installed. VENV=path overrides the location.
+# Re-running is cheap: a stamp of the requirement files skips pip when nothing changed. VENV=path overrides the
+# location; WITH_TEST_EXTRAS=1 also installs requirements-test.txt (run_scripts/test.sh sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -11,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 stamp="$VENV/.opsd-requirements.sha"
-want=$(cat requirements.txt requirements-gpu.txt | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-gpu.txt requirements-test.txt | sha256sum | cut -d' ' -f1)${WITH_TEST_EXTRAS:+-test}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ "${FORCE_SETUP:-0}" != 1 ]; then
   echo "[setup] $VENV is up to date"
   exit 0
@@ -24,6 +25,10 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing requirements.txt"
 $PIP install -q -r requirements.txt
+if [ "${WITH_TEST_EXTRAS:-0}" = 1 ]; then
+  echo "[setup] installing requirements-test.txt"
+  $PIP install -q -r requirements-test.txt
+fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "[setup] GPU found: installing requirements-gpu.txt (failures of optional extras are reported, not fatal)"
   $PIP install -q -r requirements-gpu.txt || echo "[setup] warning: some GPU extras failed to install"
