@@ -349,6 +349,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cache_dir", default=".cache/lab")
+    parser.add_argument("--lab_config", default=None,
+                        help="JSON file with a LabConfig (e.g. a cached lab's config.json); default: LabConfig()")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     preset = args.preset or ("full" if args.full else "default")
@@ -364,7 +366,12 @@ def main(argv=None):
             parser.error(f"unknown configs {sorted(unknown)}; known: {[c.name for c in DEFAULT_CONFIGS]}")
         configs = [c for c in DEFAULT_CONFIGS if c.name in args.configs]
     output_dir = args.output_dir or os.path.join("runs", f"lab-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_study(output_dir, settings, configs, cache_dir=args.cache_dir, progress=not args.no_progress)
+    lab_config = None
+    if args.lab_config:
+        with open(args.lab_config) as f:
+            lab_config = LabConfig.from_dict({k: v for k, v in json.load(f).items() if k != "version"})
+    result = run_study(output_dir, settings, configs, cache_dir=args.cache_dir, lab_config=lab_config,
+                       progress=not args.no_progress)
     print()
     print(format_report(result))
     print(f"Report: {output_dir}/report.md (JSON: report.json; plots: {', '.join(result['plots'])})")

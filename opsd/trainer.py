@@ -186,8 +186,9 @@ class OPDTrainer(DistillationTrainer):
     @torch.no_grad()
     def _teacher_hidden(self, batch):
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        return self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
-                                         unwrapped_teacher, *self._model_inputs(batch))
+        hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+                                           unwrapped_teacher, *self._model_inputs(batch))
+        return hidden.clone()  # a view of the whole prompt+completion output: keep only the completion rows
 
     def _place_teacher(self, device: torch.device) -> None:
         """Move the teacher's backbone to `device`; its lm_head stays next to the student's for the loss."""

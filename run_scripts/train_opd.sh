@@ -15,6 +15,12 @@
 # DRY_RUN=1 prints the resolved configuration and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PRESET=name loads run_scripts/presets/name.env (python -m opsd.presets list); its values replace the same
+# variables from the environment, so change a preset by editing a copy of its file.
+if [ -n "${PRESET:-}" ]; then
+  [ -f "run_scripts/presets/$PRESET.env" ] || { echo "unknown PRESET $PRESET (python -m opsd.presets list)" >&2; exit 2; }
+  set -a; . "run_scripts/presets/$PRESET.env"; set +a
+fi
 VENV=${VENV:-.venv}
 PY=${PYTHON_BIN:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python3)}
 ENTRY=${OPD_ENTRY:-opsd.train}
