@@ -267,7 +267,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | 
     return out
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -283,7 +283,7 @@ def _generate_hf(model, tokenizer, prompt_ids: list[list[int]], k: int, temperat
     import torch
     from transformers import GenerationConfig
 
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     greedy = temperature is None or temperature <= 0
     gen_config = GenerationConfig(

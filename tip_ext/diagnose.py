@@ -81,6 +81,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from opsd.evaluate import eos_token_ids, tokenize_prompts  # prompts are tokenized exactly as in training
 from opsd.losses import divergence_reference
 
 from .selectors import RULES, select
@@ -236,30 +237,6 @@ class Bank:
             return cls.from_dict(json.load(f))
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | None = None) -> list[list[int]]:
-    """Prompt ids: plain strings tokenized as they are, message lists through the chat template."""
-    out = []
-    for prompt in prompts:
-        if isinstance(prompt, (list, tuple)):
-            if getattr(tokenizer, "chat_template", None) is None:
-                raise ValueError("conversational prompts need a tokenizer with a chat template")
-            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
-                                                return_dict=True, **(chat_template_kwargs or {}))["input_ids"]
-        else:
-            ids = tokenizer(text=prompt)["input_ids"]
-        out.append([int(i) for i in ids])
-    return out
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -279,7 +256,7 @@ def build_bank(student, tokenizer, prompts: Sequence, max_tokens: int = 192, see
     if not prompts:
         raise ValueError("no prompts to build the bank from")
     prompt_ids = tokenize_prompts(tokenizer, prompts, chat_template_kwargs)
-    eos = _eos_ids(student, tokenizer)
+    eos = eos_token_ids(student, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
                               eos_token_id=eos or None, pad_token_id=pad)
