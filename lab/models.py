@@ -1,0 +1,717 @@
+"""Teacher and student models of the CPU distillation lab: tiny Qwen2 models trained on the addition task.
+
+`prepare_lab_models` trains a teacher (bigger, sees injected errors and ``"<"`` repairs) and warm-starts a
+student (smaller, clean solutions only by default, deliberately under-trained) once, saves both with
+``save_pretrained`` (model, tokenizer, generation config) under a cache directory keyed by a hash of the whole
+configuration, and returns their paths and measured accuracies. Later calls with the same configuration load
+nothing and train nothing: they return the cached paths and metrics.
+
+Everything is plain PyTorch + transformers; the training loop is the usual teacher-forced next-token loss on
+completion tokens only (prompt, pad and injected-wrong tokens carry no loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import task as T
+
+# Bump when the task format, vocabulary or training recipe changes in a way that invalidates cached models.
+LAB_FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelSize:
+    """A tiny Qwen2 shape. ``intermediate_size`` 0 means 4 x hidden."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    intermediate_size: int = 0
+
+
+@dataclass
+class LabConfig:
+    """Everything that decides the cached teacher and student (its hash is the cache key).
+
+    Defaults are sized for 2 CPU cores: on free cores teacher training takes about 80 s and the student warm
+    start about 20-30 s (measured 98 s for the whole of `prepare_lab_models`); on cores shared with other busy
+    processes expect 2-4x that. The teacher has 8 heads because detecting a wrong copied answer digit needs
+    extra lookups: with 4 heads its recovery rate (below) stalled at 0.78-0.95 depending on the seed, with 8 it
+    reaches 0.93-0.99 in 800 steps at the same parameter count.
+    teacher_steps: optimizer steps of batch ``batch_size`` for the teacher.
+    student_steps: the most steps of the student's warm start; it stops earlier, as soon as its greedy exact
+        match on ``n_dev`` dev prompts (train split) reaches ``student_target_em`` (checked every
+        ``student_check_every`` steps from ``student_min_steps`` on), so the student starts clearly below the
+        teacher (distillation needs something to teach). ``student_target_em=None``: always ``student_steps``.
+    n_eval: held-out prompts (eval split) for the reported exact match and recovery rate.
+    n_train_prompts: prompts (train split) written to ``train_prompts.jsonl`` for the distillation runs.
+    num_threads: the most intra-op threads training uses; with 2, `_ThreadTuner` switches between 1 and 2 by
+        measured step time. Not part of the cache key; note that the thread count changes float reductions,
+        so two trainings of one configuration on differently loaded machines can differ slightly.
+    """
+
+    task: T.TaskConfig = field(default_factory=T.TaskConfig)
+    teacher: ModelSize = field(default_factory=lambda: ModelSize(2, 128, 8, 256))
+    student: ModelSize = field(default_factory=lambda: ModelSize(2, 64, 4, 256))
+    teacher_steps: int = 800
+    student_steps: int = 800
+    student_target_em: float | None = 0.3
+    student_check_every: int = 10
+    student_min_steps: int = 200
+    n_dev: int = 128
+    batch_size: int = 128
+    teacher_lr: float = 3e-3
+    student_lr: float = 3e-3
+    seed: int = 0
+    n_eval: int = 500
+    n_train_prompts: int = 4096
+    num_threads: int = 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LabConfig":
+        """Inverse of `to_dict`; also accepts a cached lab's ``config.json`` (its ``version`` key is ignored)."""
+        d = dict(d)
+        d.pop("version", None)
+        d["task"] = T.TaskConfig(**d.get("task", {}))
+        d["teacher"] = ModelSize(**d.get("teacher", {}))
+        d["student"] = ModelSize(**d.get("student", {}))
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def cache_key(self) -> str:
+        """Hash of everything that shapes the models (not ``num_threads``, which only changes speed)."""
+        d = self.to_dict()
+        d.pop("num_threads")
+        payload = json.dumps({"version": LAB_FORMAT_VERSION, **d}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------- models
+def build_model(size: ModelSize, vocab_size: int | None = None, seed: int = 0):
+    """A freshly initialised tiny Qwen2ForCausalLM (untied lm_head: the trainer reads ``lm_head`` directly)."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if size.hidden_size % size.num_heads:
+        raise ValueError(f"hidden_size {size.hidden_size} is not divisible by num_heads {size.num_heads}")
+    config = Qwen2Config(
+        vocab_size=vocab_size or len(T.VOCAB),
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size or 4 * size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=T.EOS_ID,
+        pad_token_id=T.PAD_ID,
+        use_cache=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=None, eos_token_id=T.EOS_ID, pad_token_id=T.PAD_ID, do_sample=False
+    )
+    return model
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _batch(examples: Sequence[tuple[list[int], list[int], list[bool]]]):
+    """Left-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the trained completion tokens)."""
+    seqs = [p + c for p, c, _ in examples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), T.PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (p, c, train) in enumerate(examples):
+        n = len(p) + len(c)
+        start = width - n
+        ids[i, start:] = torch.tensor(p + c)
+        mask[i, start:] = 1
+        lab = torch.tensor([x if keep else -100 for x, keep in zip(c, train)], dtype=torch.long)
+        labels[i, start + len(p) :] = lab
+    return ids, mask, labels
+
+
+def _tokens_to_ids(tokens: Sequence[str]) -> list[int]:
+    return [T.VOCAB[t] for t in tokens]
+
+
+def _lr_at(step: int, steps: int, lr: float, schedule: str = "cosine") -> float:
+    warm = max(1, min(steps // 20, 50))
+    if step < warm:
+        return lr * (step + 1) / warm
+    if schedule == "constant":
+        return lr
+    frac = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class _ThreadTuner:
+    """Picks the faster of 1 and ``max_threads`` intra-op threads, re-measured as the load changes.
+
+    On shared cores a 2-thread step can be 3x slower than a 1-thread step (busy-waiting threads fighting other
+    processes), while on free cores 2 threads are almost 2x faster. Every ``period`` steps, ``probe`` steps run
+    at 1 thread, then ``probe`` at ``max_threads``, and the setting with the smaller median step time is used
+    until the next probe; a multi-thread probe step slower than 1.5x the 1-thread median ends the probe at once.
+    Every step trains normally: probing costs only the extra time of the slower setting.
+    """
+
+    def __init__(self, max_threads: int, period: int = 100, probe: int = 3):
+        self.options = [1, max_threads] if max_threads > 1 else [max(1, max_threads)]
+        self.period, self.probe = period, probe
+        self.best = self.options[-1]
+        self.times: dict[int, list[float]] = {}
+        self.used: dict[int, int] = {}
+        self.probing = False
+
+    @staticmethod
+    def _median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    def _decide(self) -> None:
+        if self.times:
+            self.best = min(self.times, key=lambda k: self._median(self.times[k]))
+        self.times, self.probing = {}, False
+
+    def threads_for(self, step: int) -> int:
+        phase = step % self.period
+        window = self.probe * len(self.options)
+        if len(self.options) > 1 and phase == 1:  # phase 0 may carry one-off costs (first step, a dev check)
+            self.times, self.probing = {}, True
+        if self.probing and 1 <= phase <= window:
+            n = self.options[(phase - 1) // self.probe]
+        else:
+            if self.probing:
+                self._decide()
+            n = self.best
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        self.used[n] = self.used.get(n, 0) + 1
+        return n
+
+    def record(self, n: int, seconds: float) -> None:
+        if not self.probing:
+            return
+        self.times.setdefault(n, []).append(seconds)
+        base = self.times.get(self.options[0])
+        if n != self.options[0] and base and seconds > 1.5 * self._median(base):
+            self._decide()
+
+
+def train_lm(
+    model,
+    make_example: Callable[[random.Random], tuple[list[int], list[int], list[bool]]],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    desc: str = "train",
+    stop_check: Callable[[], float] | None = None,
+    stop_at: float | None = None,
+    check_every: int = 20,
+    min_steps: int = 0,
+    schedule: str = "cosine",
+    max_threads: int | None = None,
+) -> dict:
+    """Teacher-forced next-token training on freshly sampled examples; returns loss and time metrics.
+
+    The learning rate warms up linearly over the first 5% of ``steps`` (at most 50 steps), then follows a
+    cosine to 10% of ``lr`` at ``steps`` (``schedule="cosine"``) or stays at ``lr`` (``"constant"``). Early stop: when ``stop_check`` and ``stop_at`` are given, ``stop_check()`` (a score such as
+    a dev-set exact match; the model is put in eval mode for it) runs every ``check_every`` steps from
+    ``min_steps`` on, and training stops as soon as it returns at least ``stop_at``; the model then keeps the
+    weights of that check or of the check before, whichever scored closer to ``stop_at`` (the score can jump
+    past the target between two checks). The returned ``steps`` is the step count of the kept weights;
+    ``stopped_early``, ``last_check`` (the kept weights' score) and ``check_history`` tell how it ended.
+    ``max_threads`` > 1 lets `_ThreadTuner` choose between 1 and ``max_threads`` threads as it goes
+    (``threads_used`` counts steps per thread count); None keeps the current setting.
+    """
+    from tqdm.auto import tqdm
+
+    rng = random.Random(f"train/{desc}/{seed}")
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    t0, c0 = time.perf_counter(), time.process_time()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    taken, stopped, last_check, history, prev = 0, False, None, [], None
+    prev_threads = torch.get_num_threads()
+    tuner = _ThreadTuner(max_threads) if max_threads else None
+    for step in bar:
+        n_threads = tuner.threads_for(step) if tuner else 0
+        t_step = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, schedule)
+        ids, mask, labels = _batch([make_example(rng) for _ in range(batch_size)])
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask)).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if tuner:
+            tuner.record(n_threads, time.perf_counter() - t_step)
+        taken = step + 1
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}")
+        if stop_check is not None and stop_at is not None and taken >= min_steps and taken % check_every == 0:
+            model.eval()
+            score = float(stop_check())
+            history.append([taken, score])
+            model.train()
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}", check=f"{score:.2f}")
+            if score >= stop_at:
+                stopped = True
+                # the score can jump past the target between two checks: keep whichever of the two
+                # checkpoints is closer to it
+                if prev is not None and abs(prev[1] - stop_at) < abs(score - stop_at):
+                    model.load_state_dict(prev[2])
+                    taken, score = prev[0], prev[1]
+                last_check = score
+                break
+            last_check = score
+            prev = (taken, score, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    bar.close()
+    torch.set_num_threads(prev_threads)
+    model.eval()
+    tail = losses[-max(1, taken // 10) :] if losses else [float("nan")]
+    return {
+        "steps": taken, "max_steps": steps, "final_loss": sum(tail) / len(tail),
+        "train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - c0,
+        "stopped_early": stopped, "last_check": last_check, "check_history": history,
+        "threads_used": {str(k): v for k, v in (tuner.used if tuner else {prev_threads: taken}).items()},
+    }
+
+
+def _example_maker(task_cfg: T.TaskConfig, error_rate: float):
+    def make(rng: random.Random):
+        prompt = T.sample_prompt(rng, task_cfg, "train")
+        tokens, train = T.corrupted_completion(prompt, rng, error_rate)
+        return T.encode_chars(prompt), _tokens_to_ids(tokens), train
+
+    return make
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _encode_prompts(tokenizer, prompts: Sequence[str]):
+    enc = tokenizer(list(prompts), padding=True, return_tensors="pt")
+    if tokenizer.padding_side != "left":
+        raise ValueError("the lab tokenizer must pad on the left for batched generation")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it."""
+    is_eos = completion_ids == eos_id
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~after).long()
+
+
+@torch.no_grad()
+def generate_completions(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, greedy: bool = True,
+    batch_size: int = 256, temperature: float = 1.0, seed: int = 0,
+) -> list[torch.Tensor]:
+    """Completion token ids per prompt (cut after the first EOS; EOS kept when generated)."""
+    model.eval()
+    if not greedy:
+        torch.manual_seed(seed)
+    out: list[torch.Tensor] = []
+    eos = tokenizer.eos_token_id
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = _encode_prompts(tokenizer, prompts[i : i + batch_size])
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
+            temperature=temperature if not greedy else None, top_k=None, top_p=None,
+            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        )
+        comp = gen[:, ids.size(1) :]
+        keep = _completion_mask(comp, eos)
+        for row, k in zip(comp, keep):
+            out.append(row[: int(k.sum())].clone())
+    return out
+
+
+def evaluate_exact_match(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, greedy: bool = True,
+    batch_size: int = 256, strict: bool = False, seed: int = 0,
+) -> float:
+    """Share of prompts whose generated completion `task.is_correct` accepts (corrections applied)."""
+    if not prompts:
+        raise ValueError("evaluate_exact_match needs at least one prompt")
+    comps = generate_completions(model, tokenizer, prompts, max_new_tokens, greedy, batch_size, seed=seed)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
+    return sum(T.is_correct(p, t, strict=strict) for p, t in zip(prompts, texts)) / len(prompts)
+
+
+def _share(flags) -> float:
+    flags = list(flags)
+    return sum(map(bool, flags)) / max(len(flags), 1)
+
+
+def _forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask)).logits.float()
+
+
+@torch.no_grad()
+def completion_token_stats(
+    student, teacher, tokenizer, prompts: Sequence[str], completions: Sequence[torch.Tensor], batch_size: int = 256
+) -> list[dict[str, torch.Tensor]]:
+    """Per completion token of each (prompt, completion): reverse KL(student || teacher) ``kl``, student entropy
+    ``entropy`` (nats, full vocabulary), teacher probability of ``"<"`` ``p_correction_teacher``, and the
+    student's ``p_correction_student``, and whether ``"<"`` is the teacher's top token. Both distributions are plain softmax at temperature 1."""
+    out: list[dict[str, torch.Tensor]] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [
+            (tokenizer(p)["input_ids"], c.tolist(), [True] * len(c))
+            for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size])
+        ]
+        ids, mask, labels = _batch(chunk)
+        # logits at position j predict token j+1: the rows predicting completion tokens have a label at j+1
+        rows = labels[:, 1:] != -100
+        ls = F.log_softmax(_forward_logits(student, ids, mask)[:, :-1], -1)
+        lt = F.log_softmax(_forward_logits(teacher, ids, mask)[:, :-1], -1)
+        ps = ls.exp()
+        kl = (ps * (ls - lt)).sum(-1)
+        ent = -(ps * ls).sum(-1)
+        for r in range(ids.size(0)):
+            sel = rows[r]
+            out.append({
+                "kl": kl[r][sel], "entropy": ent[r][sel],
+                "p_correction_teacher": lt[r][sel][:, T.CORRECTION_ID].exp(),
+                "p_correction_student": ps[r][sel][:, T.CORRECTION_ID],
+                "teacher_top_correction": (lt[r][sel].argmax(-1) == T.CORRECTION_ID).float(),
+            })
+    return out
+
+
+@torch.no_grad()
+def heldout_kl(
+    student, teacher, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, greedy: bool = True,
+    batch_size: int = 256, temperature: float = 1.0, seed: int = 0,
+) -> float:
+    """Mean per-token reverse KL(student || teacher) over the student's own completions of ``prompts``.
+
+    Completions are greedy (or sampled at ``temperature`` when not ``greedy``); every completion token up to and
+    including EOS counts once; both distributions are plain softmax (temperature 1) over the full vocabulary.
+    """
+    comps = generate_completions(student, tokenizer, prompts, max_new_tokens, greedy, batch_size, temperature, seed)
+    stats = completion_token_stats(student, teacher, tokenizer, prompts, comps, batch_size)
+    kl = torch.cat([s["kl"] for s in stats])
+    return kl.mean().item() if kl.numel() else 0.0
+
+
+@torch.no_grad()
+def error_position_stats(
+    student, teacher, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, greedy: bool = True,
+    batch_size: int = 256, temperature: float = 1.0, seed: int = 0,
+) -> dict:
+    """How the known Q3 positions (`task.error_positions`) of the student's own completions look.
+
+    Returns the mean reverse KL over all completion tokens (``kl_all``, = `heldout_kl` on the same completions),
+    the share of completion tokens that are error positions (``error_share``), the share of
+    completions with at least one (``completions_with_error``), and at error positions vs all other completion
+    tokens: mean student entropy normalised by ln|V| (``entropy_norm_*``), mean reverse KL (``kl_*``), mean
+    teacher probability of ``"<"`` (``p_correction_teacher_*``), the share where ``"<"`` is the teacher's top
+    token (``teacher_top_correction_*``); and ``q3_share_of_errors``: the share of error positions that
+    fall in Q3 under per-batch median cut-offs (entropy below the median, KL above the median, METHODS.md
+    section 2). Values are NaN when there are no error positions.
+    """
+    comps = generate_completions(student, tokenizer, prompts, max_new_tokens, greedy, batch_size, temperature, seed)
+    stats = completion_token_stats(student, teacher, tokenizer, prompts, comps, batch_size)
+    flags = torch.cat([
+        torch.tensor(T.error_positions(p, c.tolist(), tokenizer), dtype=torch.bool) for p, c in zip(prompts, comps)
+    ])
+    cat = {k: torch.cat([s[k] for s in stats]) for k in stats[0]} if stats else {}
+    if not stats or flags.numel() == 0:
+        return {"error_share": 0.0, "completions_with_error": 0.0}
+    h = cat["entropy"] / math.log(len(tokenizer))
+    kl = cat["kl"]
+    q3 = (h < h.median()) & (kl > kl.median())
+
+    def mean(x, m):
+        return x[m].mean().item() if m.any() else float("nan")
+
+    other = ~flags
+    return {
+        "kl_all": kl.mean().item(),
+        "error_share": flags.float().mean().item(),
+        "completions_with_error": _share(any(T.error_positions(p, c.tolist(), tokenizer)) for p, c in zip(prompts, comps)),
+        "entropy_norm_error": mean(h, flags), "entropy_norm_other": mean(h, other),
+        "kl_error": mean(kl, flags), "kl_other": mean(kl, other),
+        "p_correction_teacher_error": mean(cat["p_correction_teacher"], flags),
+        "p_correction_teacher_other": mean(cat["p_correction_teacher"], other),
+        "teacher_top_correction_error": mean(cat["teacher_top_correction"], flags),
+        "teacher_top_correction_other": mean(cat["teacher_top_correction"], other),
+        "q3_share_of_errors": mean(q3.float(), flags),
+        "q3_share_of_all": q3.float().mean().item(),
+    }
+
+
+@torch.no_grad()
+def recovery_rate(model, prompts: Sequence[str], seed: int = 0, batch_size: int = 256) -> dict:
+    """How the model reacts right after a forced wrong token.
+
+    For each prompt, a random digit position of the canonical completion (scratchpad digit, carry or answer
+    digit) is replaced by a different digit and the model reads the prefix up to and including it.
+    Returns ``recover_top1`` (share where ``"<"`` is the top next token), ``mean_p_correction`` (mean
+    probability of ``"<"`` there), and ``repair_top1`` (share where, after ``wrong + "<"``, the top next token
+    is the right one).
+    """
+    rng = random.Random(f"recovery/{seed}")
+    wrong_prefixes, repair_prefixes, repair_targets = [], [], []
+    for p in prompts:
+        sol = T.solution(p)
+        spots = [i for i, ch in enumerate(sol) if ch in T.DIGITS]
+        i = rng.choice(spots)
+        wrong = T._wrong_token(rng, sol[i])
+        wrong_prefixes.append(p + sol[:i] + wrong)
+        repair_prefixes.append(p + sol[:i] + wrong + T.CORRECTION)
+        repair_targets.append(T.VOCAB[sol[i]])
+
+    def last_logprobs(texts):
+        out = []
+        for j in range(0, len(texts), batch_size):
+            chunk = [(T.encode_chars(t), [], []) for t in texts[j : j + batch_size]]
+            ids, mask, _ = _batch(chunk)
+            out.append(F.log_softmax(_forward_logits(model, ids, mask)[:, -1], -1))
+        return torch.cat(out)
+
+    lw = last_logprobs(wrong_prefixes)
+    lr = last_logprobs(repair_prefixes)
+    targets = torch.tensor(repair_targets)
+    return {
+        "recover_top1": (lw.argmax(-1) == T.CORRECTION_ID).float().mean().item(),
+        "mean_p_correction": lw[:, T.CORRECTION_ID].exp().mean().item(),
+        "repair_top1": (lr.argmax(-1) == targets).float().mean().item(),
+    }
+
+
+# ----------------------------------------------------------------------------------------- train and save
+@contextlib.contextmanager
+def _threads(n: int | None):
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(max(1, min(prev, n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _save(model, tokenizer, out_dir: str, max_new_tokens: int) -> None:
+    model.generation_config.max_new_tokens = max_new_tokens
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _train_and_save(
+    role: str, out_dir, cfg: LabConfig, size: ModelSize, steps: int, lr: float, error_rate: float,
+    seed: int, progress: bool, eval_prompts: Sequence[str] | None, target_em: float | None = None,
+):
+    tokenizer = T.build_tokenizer()
+    model = build_model(size, len(tokenizer), seed=seed)
+    max_new = T.max_completion_chars(cfg.task)
+    stop_check = None
+    if target_em is not None:
+        # a dev set from the train split: the eval prompts stay untouched by any decision
+        dev = T.make_prompts(cfg.n_dev, cfg.task, seed=cfg.seed + 7919, split="train")
+
+        def stop_check():
+            return evaluate_exact_match(model, tokenizer, dev, max_new)
+
+    with _threads(cfg.num_threads):
+        metrics = train_lm(
+            model, _example_maker(cfg.task, error_rate), steps, cfg.batch_size, lr, seed, progress, desc=role,
+            stop_check=stop_check, stop_at=target_em, check_every=cfg.student_check_every,
+            min_steps=cfg.student_min_steps, schedule="constant" if target_em is not None else "cosine",
+            max_threads=torch.get_num_threads(),  # cfg.num_threads, capped by the caller's setting
+        )
+        if eval_prompts:
+            t0 = time.perf_counter()
+            comps = generate_completions(model, tokenizer, eval_prompts, max_new)
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
+            metrics["exact_match"] = _share(T.is_correct(p, t) for p, t in zip(eval_prompts, texts))
+            metrics["exact_match_strict"] = _share(T.is_correct(p, t, True) for p, t in zip(eval_prompts, texts))
+            metrics["uses_correction"] = _share(T.CORRECTION in t for t in texts)
+            if role == "teacher":
+                metrics.update(recovery_rate(model, eval_prompts, seed=seed))
+            metrics["eval_seconds"] = time.perf_counter() - t0
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    _save(model, tokenizer, str(out_dir), max_new)
+    return model, metrics
+
+
+def train_teacher(
+    out_dir, cfg: LabConfig | T.TaskConfig | None = None, steps: int | None = None, batch_size: int | None = None,
+    lr: float | None = None, seed: int | None = None, progress: bool = True, eval_prompts: Sequence[str] | None = None,
+) -> dict:
+    """Train the teacher on completions with injected errors and ``"<"`` repairs; save it to ``out_dir``.
+
+    Returns metrics: steps, final_loss, train_seconds, and on ``eval_prompts`` (default: ``cfg.n_eval`` eval-split
+    prompts) exact_match, recover_top1, mean_p_correction, repair_top1 (see `recovery_rate`).
+    """
+    cfg = _lab_config(cfg, steps=steps, batch_size=batch_size, lr=lr, seed=seed, role="teacher")
+    if eval_prompts is None:
+        eval_prompts = T.make_prompts(cfg.n_eval, cfg.task, cfg.seed, split="eval")
+    err = cfg.task.error_rate if cfg.task.corrections else 0.0
+    _, metrics = _train_and_save(
+        "teacher", out_dir, cfg, cfg.teacher, cfg.teacher_steps, cfg.teacher_lr, err, cfg.seed, progress, eval_prompts
+    )
+    return metrics
+
+
+def warm_start_student(
+    out_dir, cfg: LabConfig | T.TaskConfig | None = None, steps: int | None = None, batch_size: int | None = None,
+    lr: float | None = None, seed: int | None = None, progress: bool = True, eval_prompts: Sequence[str] | None = None,
+) -> dict:
+    """Supervised warm start of the student; save it to ``out_dir``.
+
+    The student sees clean solutions only (``cfg.task.student_error_rate`` = 0 by default: it never learns
+    ``"<"``) and is deliberately stopped early, so that it starts clearly below the teacher and makes
+    confident mistakes for distillation to repair: its greedy exact match on a dev set (train split) is checked
+    every ``cfg.student_check_every`` steps from ``cfg.student_min_steps`` on, and training stops once it
+    reaches ``cfg.student_target_em``, keeping the checkpoint (that check or the one before) closest to the
+    target (at most ``cfg.student_steps`` steps; None disables the check and uses a cosine schedule over
+    ``student_steps``). With the check, the learning rate is constant after warm-up. The stop is by score, not
+    by a step count, because this task is learned in a sharp transition whose timing varies with the seed:
+    a fixed step count lands anywhere between 1% and 90% exact match. Returns the same metrics as
+    `train_teacher` without the recovery ones, plus ``stopped_early``, ``last_check`` (dev exact match of the
+    kept weights) and ``check_history``.
+    """
+    cfg = _lab_config(cfg, steps=steps, batch_size=batch_size, lr=lr, seed=seed, role="student")
+    if eval_prompts is None:
+        eval_prompts = T.make_prompts(cfg.n_eval, cfg.task, cfg.seed, split="eval")
+    _, metrics = _train_and_save(
+        "student", out_dir, cfg, cfg.student, cfg.student_steps, cfg.student_lr, cfg.task.student_error_rate,
+        cfg.seed + 1, progress, eval_prompts, target_em=cfg.student_target_em,
+    )
+    return metrics
+
+
+def _lab_config(cfg, steps=None, batch_size=None, lr=None, seed=None, role="teacher") -> LabConfig:
+    if cfg is None:
+        cfg = LabConfig()
+    elif isinstance(cfg, T.TaskConfig):
+        cfg = LabConfig(task=cfg)
+    cfg = LabConfig.from_dict(cfg.to_dict())  # a copy we may override
+    if steps is not None:
+        setattr(cfg, f"{role}_steps", steps)
+    if lr is not None:
+        setattr(cfg, f"{role}_lr", lr)
+    if batch_size is not None:
+        cfg.batch_size = batch_size
+    if seed is not None:
+        cfg.seed = seed
+    return cfg
+
+
+def prepare_lab_models(cache_dir, cfg: LabConfig | T.TaskConfig | None = None, force: bool = False,
+                       progress: bool = True) -> dict:
+    """Teacher, student, tokenizer and prompt files for the lab, trained once and cached.
+
+    Layout: ``cache_dir/lab-<hash>/{teacher,student,tokenizer}/`` (each loadable with ``from_pretrained``),
+    ``train_prompts.jsonl`` and ``eval_prompts.jsonl`` (columns ``prompt``, ``answer``), ``config.json`` and
+    ``metrics.json``. The directory appears atomically when complete, so an interrupted run leaves no half cache.
+
+    Returns ``{"paths": {dir, teacher, student, tokenizer, train_prompts, eval_prompts}, "metrics": {...},
+    "config": <LabConfig as dict>, "cached": bool, "key": <hash>}``. ``metrics`` holds ``teacher`` and
+    ``student`` training metrics (exact_match on the eval prompts, teacher recovery rates, seconds) and the
+    student's ``heldout_kl`` to the teacher at the start (greedy completions of the eval prompts) with
+    `error_position_stats` of those completions (``student_error_positions``).
+    """
+    cfg = _lab_config(cfg)
+    key = cfg.cache_key()
+    final = os.path.join(str(cache_dir), f"lab-{key}")
+    paths = {
+        "dir": final,
+        "teacher": os.path.join(final, "teacher"),
+        "student": os.path.join(final, "student"),
+        "tokenizer": os.path.join(final, "tokenizer"),
+        "train_prompts": os.path.join(final, "train_prompts.jsonl"),
+        "eval_prompts": os.path.join(final, "eval_prompts.jsonl"),
+    }
+    metrics_file = os.path.join(final, "metrics.json")
+    if force and os.path.isdir(final):
+        shutil.rmtree(final)
+    if os.path.isfile(metrics_file):
+        with open(metrics_file) as f:
+            return {"paths": paths, "metrics": json.load(f), "config": cfg.to_dict(), "cached": True, "key": key}
+
+    os.makedirs(str(cache_dir), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".lab-{key}-", dir=str(cache_dir))
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        T.build_tokenizer(os.path.join(work, "tokenizer"))
+        eval_prompts = T.make_prompts(cfg.n_eval, cfg.task, cfg.seed, split="eval")
+        T.write_prompt_file(os.path.join(work, "eval_prompts.jsonl"), eval_prompts)
+        T.write_prompt_file(
+            os.path.join(work, "train_prompts.jsonl"), T.make_prompts(cfg.n_train_prompts, cfg.task, cfg.seed)
+        )
+        teacher_m = train_teacher(os.path.join(work, "teacher"), cfg, progress=progress, eval_prompts=eval_prompts)
+        student_m = warm_start_student(
+            os.path.join(work, "student"), cfg, progress=progress, eval_prompts=eval_prompts
+        )
+        from transformers import AutoModelForCausalLM
+
+        with _threads(cfg.num_threads):
+            tok = T.build_tokenizer()
+            teacher = AutoModelForCausalLM.from_pretrained(os.path.join(work, "teacher"))
+            student = AutoModelForCausalLM.from_pretrained(os.path.join(work, "student"))
+            q3 = error_position_stats(student, teacher, tok, eval_prompts, T.max_completion_chars(cfg.task))
+        metrics = {
+            "teacher": teacher_m,
+            "student": student_m,
+            "student_heldout_kl": q3["kl_all"],
+            "student_error_positions": q3,
+            "total_seconds": time.perf_counter() - t0,
+            "total_cpu_seconds": time.process_time() - c0,
+            "max_threads": min(torch.get_num_threads(), cfg.num_threads),
+        }
+        with open(os.path.join(work, "config.json"), "w") as f:
+            json.dump({"version": LAB_FORMAT_VERSION, **cfg.to_dict()}, f, indent=1)
+        with open(os.path.join(work, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        try:
+            os.rename(work, final)
+        except OSError:  # another process finished the same configuration first: keep its copy
+            if not os.path.isfile(metrics_file):
+                raise
+            with open(metrics_file) as f:
+                metrics = json.load(f)
+    finally:
+        if os.path.isdir(work):
+            shutil.rmtree(work, ignore_errors=True)
+    return {"paths": paths, "metrics": metrics, "config": cfg.to_dict(), "cached": False, "key": key}
+
+
+def load_lab_models(paths: dict):
+    """``(teacher, student, tokenizer)`` from the ``paths`` of `prepare_lab_models` (eval mode, float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = paths.get("paths", paths)
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"]).eval()
+    student = AutoModelForCausalLM.from_pretrained(paths["student"]).eval()
+    return teacher, student, AutoTokenizer.from_pretrained(paths["tokenizer"])
