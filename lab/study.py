@@ -363,6 +363,15 @@ def main(argv=None):
                         help="JSON file with a LabConfig (e.g. a cached lab's config.json); default: LabConfig()")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    # keep the terminal for the study's own progress: library deprecation notices and weight-loading bars are noise
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     preset = args.preset or ("full" if args.full else "default")
     settings = PRESETS[preset]
     if args.seeds:
