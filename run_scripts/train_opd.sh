@@ -79,7 +79,10 @@ args=(
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry_run)
 args+=(${EXTRA_ARGS:-} "$@")
 
-if [ "$NPROC" -gt 1 ]; then
+if [ "$NPROC" -gt 1 ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  # CPU processes (gloo): torchrun; `accelerate launch --cpu --num_processes N` starts one process (accelerate 1.15)
+  cmd=("$VENV/bin/torchrun" --nproc_per_node "$NPROC" -m "$ENTRY" --use_cpu true)
+elif [ "$NPROC" -gt 1 ]; then
   cmd=("$VENV/bin/accelerate" launch --num_processes "$NPROC" ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} -m "$ENTRY")
 else
   cmd=("$PY" -m "$ENTRY")

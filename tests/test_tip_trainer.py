@@ -150,15 +150,18 @@ def _global_stats():
     return stats, seq
 
 
-def test_two_gloo_processes_select_like_one_process(tmp_path):
+def _free_port() -> int:
     import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_select_like_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     stats, seq = _global_stats()
     expected = select("teachability", stats, 0.3, sequence_ids=seq).keep
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -190,3 +193,34 @@ def test_train_tip_script_end_to_end(tmp_path, rule):
     frame = load_dump(dump)
     assert {"entropy_norm", "reverse_kl", "kept", "token_id", "position"} <= set(frame.columns)
     assert os.path.getsize(plot_main([dump])) > 1000
+
+
+def test_two_process_cpu_run_completes(tmp_path):
+    """Two CPU processes (torchrun + gloo; accelerate detects MULTI_CPU) of tip_ext.train: selection is gathered
+    across ranks. (`accelerate launch --cpu --num_processes 2` starts a single process with accelerate 1.15.)"""
+    student, teacher = save_pair(str(tmp_path))
+    data = write_prompts(str(tmp_path / "prompts.jsonl"), n=8)
+    out = str(tmp_path / "run")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "tip_ext.train",
+           "--model_name_or_path", student,
+           "--teacher_model_name_or_path", teacher, "--train_file", data, "--output_dir", out,
+           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "2",
+           "--max_completion_length", "6", "--gradient_checkpointing", "false", "--use_cpu", "true",
+           "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1", "--selector", "teachability",
+           "--ratio", "0.2", "--support_top_k", "4", "--token_dump_dir", str(tmp_path / "dump")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "run_summary.json")) as f:
+        logs = [h for h in json.load(f)["log_history"] if "loss" in h]
+    assert len(logs) == 2
+    for h in logs:  # ceil(0.2 N) over both ranks' tokens, plus at least one per sequence (4 sequences)
+        assert 0 < h["kept_fraction"] < 1 and h["kept_tokens"] >= 4
+    from tip_ext.plot import load_dump
+
+    dump = load_dump(str(tmp_path / "dump"))
+    for step, part in dump.groupby("step"):  # both ranks' tokens, globally unique sequence ids, one kept at least
+        assert part["sequence"].nunique() == 4 and part.groupby("sequence")["kept"].any().all()
+        n = len(part)
+        assert part["kept"].sum() >= -(-n // 5)

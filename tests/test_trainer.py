@@ -196,3 +196,28 @@ def test_bad_config_values_fail_early(tmp_path):
         OPDConfig(output_dir=str(tmp_path), loss_type="jsd", jsd_beta=1.0)
     assert OPDConfig(output_dir=str(tmp_path), loss_type="forward_kl").beta == 0.0
     assert OPDConfig(output_dir=str(tmp_path), enable_thinking=False).chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_reward_weighting_multiplies_per_sample_weights(pair, tmp_path):
+    """w_i = n softmax(r_i / beta) over the generation batch scales each sequence's tokens; normalization unchanged."""
+    rewards = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}
+    trainer = make_trainer(pair, tmp_path, reward_beta=0.5, reward_function="math")
+    trainer.reward_fn = lambda completion, answer: rewards[answer]
+    trainer.processing_class.batch_decode = lambda ids, skip_special_tokens=True: ["x"] * len(ids)
+    batch = fixed_batch()
+    inputs = [{"prompt": "p", "answer": k} for k in "abcd"]
+    weights = trainer._reward_weights(inputs, batch)
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    torch.testing.assert_close(weights, 4 * torch.softmax(r / 0.5, 0))
+    batch["sample_weights"] = weights
+    trainer._select_tokens([batch])
+    valid = batch["completion_mask"].bool() & batch["tool_mask"].bool()
+    expected = valid.float() * weights[:, None] / valid.sum()
+    torch.testing.assert_close(batch["loss_weights"], expected)
+    assert trainer._metrics["train"]["reward"][-1] == pytest.approx(0.5)
+
+
+def test_reward_weighting_needs_answers(pair, tmp_path):
+    trainer = make_trainer(pair, tmp_path, reward_beta=0.5, reward_function="math")
+    with pytest.raises(ValueError, match="answer"):
+        trainer._reward_weights([{"prompt": "p"}], fixed_batch())

@@ -123,7 +123,7 @@ class TipSelector(TokenSelector):
             table["score"] = choice.score.float().cpu().numpy()
         if choice.weights is not None:
             table["weight"] = choice.weights.float().cpu().numpy()
-        rank = int(os.environ.get("RANK", "0"))
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         path = os.path.join(self.config.token_dump_dir, f"tokens_step{step:06d}_rank{rank}_{self._dumped:04d}.parquet")
         pd.DataFrame(table).to_parquet(path)
         self._dumped += 1
