@@ -12,7 +12,7 @@ import torch
 
 from opsd.losses import divergence_reference
 from opsd.selection import TokenView, loss_weights
-from test_trainer import P, fixed_batch, make_trainer, split, trainer_loss_and_grads
+from test_trainer import fixed_batch, full_logits, make_trainer, split, trainer_loss_and_grads
 from tip_ext import select, token_stats
 from tip_ext.trainer import SelectorConfig, TipSelector, make_selector
 from tiny import save_pair, write_prompts
@@ -33,13 +33,8 @@ def tip(rule, ratio=0.4, scope="rollout_batch", **options):
 
 def reference(trainer, batch, rule, ratio, options, seed):
     """Full logits of both models -> token_stats -> select -> masked mean of the reverse KL."""
-    model, teacher = trainer.model, trainer.teacher_model
-    model.zero_grad()
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    z_s = model(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
-    with torch.no_grad():
-        z_t = teacher(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
+    model = trainer.model
+    z_s, z_t = full_logits(trainer, batch)
     valid = batch["completion_mask"].bool() & batch["tool_mask"].bool()
     stats = token_stats(z_s[valid].detach(), z_t[valid], top_k=4)
     seq = torch.arange(4)[:, None].expand(4, z_s.shape[1])[valid]

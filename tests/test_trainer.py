@@ -78,8 +78,8 @@ def trainer_loss_and_grads(trainer, micro_batches):
     return total, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-def reference_loss_and_grads(trainer, batch, keep_fn=None, weight_fn=None, normalization="kept_tokens"):
-    """Materialize the full logits of both models and apply the definition of each normalization."""
+def full_logits(trainer, batch):
+    """Both models' full logits at the completion positions (student with grad), after zeroing the gradients."""
     model, teacher = trainer.model, trainer.teacher_model
     model.zero_grad()
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
@@ -87,6 +87,13 @@ def reference_loss_and_grads(trainer, batch, keep_fn=None, weight_fn=None, norma
     z_s = model(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
     with torch.no_grad():
         z_t = teacher(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
+    return z_s, z_t
+
+
+def reference_loss_and_grads(trainer, batch, keep_fn=None, weight_fn=None, normalization="kept_tokens"):
+    """Materialize the full logits of both models and apply the definition of each normalization."""
+    model = trainer.model
+    z_s, z_t = full_logits(trainer, batch)
     div, _ = divergence_reference(z_s, z_t, trainer.beta)
     valid = batch["completion_mask"].bool() & batch.get("tool_mask", torch.ones_like(batch["completion_mask"])).bool()
     positions = valid.long().cumsum(1) - 1
