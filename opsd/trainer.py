@@ -260,9 +260,10 @@ class OPDTrainer(DistillationTrainer):
                         s_head.scale, s_head.softcap, s_head.vocab_size)
         # sequence ids unique across the step's micro-batches and across processes (equal per-device batches)
         offset = self.accelerator.process_index * sum(mask.shape[0] for mask in masks)
-        views, stats = [], []
+        views, stats, flats = [], [], []
         for mb, mask in zip(micro_batches, masks):
             flat, rows, positions = valid_token_index(mask)
+            flats.append(flat)
             view = TokenView(token_ids=mb["completion_ids"].reshape(-1)[flat], sequence_ids=rows + offset,
                              positions=positions, temperature=self.temperature)
             offset += mask.shape[0]
@@ -288,8 +289,7 @@ class OPDTrainer(DistillationTrainer):
                 self._metrics["train"][name].append(value)
 
         keeps, weights = [], []
-        for mb, mask, view, st, choice in zip(micro_batches, masks, views, stats, choices):
-            flat, _, _ = valid_token_index(mask)
+        for mask, flat, view, st, choice in zip(masks, flats, views, stats, choices):
             keep = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
             keep[flat] = choice.keep.to(mask.device)
             keeps.append(keep.view_as(mask))
