@@ -153,12 +153,12 @@ def probe_selectors(student, teacher, tokenizer, prompts, configs, max_new_token
 def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySettings, max_new_tokens: int,
                      eval_prompts: list[str], work_dir: str) -> dict:
     """One OPD run through the real trainer; returns its metrics."""
-    from opsd.config import OPDConfig
+    from opsd.core.config import OPDConfig
     from opsd.data import load_prompt_dataset
-    from opsd.models import load_causal_lm, load_tokenizer
+    from opsd.core.models import load_causal_lm, load_tokenizer
     from transformers.trainer_callback import PrinterCallback
 
-    from opsd.trainer import OPDTrainer
+    from opsd.core.trainer import OPDTrainer
     from tip_ext.trainer import SelectorConfig, make_selector
 
     tokenizer = load_tokenizer(paths["tokenizer"])
@@ -307,7 +307,7 @@ def run_study(output_dir: str, settings: StudySettings, configs=None, cache_dir=
               lab_config: LabConfig | None = None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from opsd.models import load_causal_lm, load_tokenizer
+    from opsd.core.models import load_causal_lm, load_tokenizer
 
     configs = configs or DEFAULT_CONFIGS
     torch.set_num_threads(settings.threads)

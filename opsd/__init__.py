@@ -5,9 +5,9 @@ Names are imported lazily: `python -m opsd.data` and friends should not pay for 
 """
 
 _EXPORTS = {
-    "OPDConfig": "config", "OPDTrainer": "trainer", "LMHead": "heads", "head_of": "heads",
-    "per_token_divergence": "losses", "divergence_reference": "losses", "TokenSelector": "selection",
-    "TokenView": "selection", "TokenChoice": "selection",
+    "OPDConfig": "core.config", "OPDTrainer": "core.trainer", "LMHead": "core.heads", "head_of": "core.heads",
+    "per_token_divergence": "core.losses", "divergence_reference": "core.losses", "TokenSelector": "core.selection",
+    "TokenView": "core.selection", "TokenChoice": "core.selection",
 }
 __all__ = list(_EXPORTS)
 

@@ -218,7 +218,7 @@ def load_model_and_tokenizer(model_path: str, base_model: str | None = None, dty
     """
     import torch
 
-    from .models import check_local_path, load_causal_lm, load_tokenizer
+    from .core.models import check_local_path, load_causal_lm, load_tokenizer
 
     if model_path is None or not os.path.isdir(model_path):
         raise FileNotFoundError(f"Model not found at {model_path!r}: pass a local model or LoRA adapter directory.")
@@ -456,7 +456,7 @@ def _load_vllm(args, dtype: str):
     except ImportError as err:
         raise BackendUnavailable("--backend vllm needs the vllm package, which is not installed in this environment; "
                            "install it (pip install vllm) or use --backend hf.") from err
-    from .models import check_local_path, load_tokenizer
+    from .core.models import check_local_path, load_tokenizer
 
     lora_request, path = None, args.model
     if not os.path.isdir(path):

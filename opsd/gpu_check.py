@@ -6,7 +6,7 @@
 
 Models are random-initialised from the architecture table of opsd.plan (no weights are read or downloaded). Each
 variant runs `--steps` training steps on random token ids: teacher forward (no grad), student forward with grad,
-per-token divergence on the completion rows (`opsd.losses.per_token_divergence`), backward, AdamW step. Selective
+per-token divergence on the completion rows (`opsd.core.losses.per_token_divergence`), backward, AdamW step. Selective
 steps first run a no-grad statistics pass over all completion rows (divergence and entropy, chunked) and keep the top
 `--keep` fraction by divergence for the gradient pass, as opsd's trainer does with a selector. Variants: full
 fine-tuning (float32 master weights under bf16 autocast) and LoRA (bf16 base, float32 adapters), teacher in bf16 and
@@ -163,8 +163,8 @@ def planned_peak(plan: PlanInputs, exclude_resident: bool) -> int:
 
 def run_variant(variant: Variant, student_arch: Architecture, teacher_arch: Architecture, args,
                 device: torch.device) -> dict:
-    from opsd.heads import head_of
-    from opsd.losses import per_token_divergence
+    from opsd.core.heads import head_of
+    from opsd.core.losses import per_token_divergence
 
     cpu = device.type == "cpu"
     dtype = torch.float32 if cpu else torch.bfloat16

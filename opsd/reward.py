@@ -1,11 +1,10 @@
-"""Rule-based rewards for math prompts and upstream's per-sample reward weighting.
+"""Rule-based rewards for math prompts (the per-sample reward weighting itself is opsd.core.weighting).
 
 Public API
 ----------
 - ``extract_answer(text) -> str | None``: the model's final answer (last ``\\boxed{}``/``\\fbox{}``, else the last
   DAPO-style ``Answer: ...`` line).
 - ``math_reward(completion, ground_truth) -> float``: 1.0 if the extracted answer matches the ground truth, else 0.0.
-- ``reward_weights(rewards, beta) -> Tensor``: ``w_i = n * softmax(r_i / beta)`` (upstream's ``reward_beta``).
 - ``REWARD_FUNCTIONS`` / ``get_reward_fn(name)``: name -> reward function registry.
 
 Equivalence checking
@@ -35,7 +34,6 @@ import threading
 from fractions import Fraction
 from typing import Callable
 
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ __all__ = [
     "get_reward_fn",
     "math_reward",
     "normalize_answer",
-    "reward_weights",
 ]
 
 
@@ -289,31 +286,6 @@ def math_reward(completion, ground_truth) -> float:
         return 1.0 if answers_match(pred, truth) else 0.0
     except Exception:  # pragma: no cover - defensive: the normalizer is pure string code
         return 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reward weighting
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def reward_weights(rewards, beta: float | None) -> torch.Tensor:
-    """Per-sample weights ``w_i = n * softmax(r_i / beta)`` over the ``n`` given rewards (upstream's reward_beta).
-
-    The weights are positive and **mean exactly 1** (sum n), so weighting a per-sample loss keeps its scale:
-    large ``beta`` -> all ~1, small ``beta`` -> the mass concentrates on the highest rewards. ``beta`` None or
-    <= 0 disables the weighting (all ones). Apply it to whichever group you want normalized (the whole generation
-    batch or one prompt's rollouts). Returns a float tensor (float32 unless ``rewards`` is float64) on the
-    rewards' device; an empty input gives an empty output.
-    """
-    r = torch.as_tensor(rewards)
-    if r.dim() != 1:
-        r = r.reshape(-1)
-    dtype = r.dtype if r.dtype in (torch.float64, torch.float32) else torch.float32
-    r = r.to(dtype)
-    n = r.numel()
-    if beta is None or beta <= 0 or n == 0:
-        return torch.ones_like(r)
-    return n * torch.softmax(r / float(beta), dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

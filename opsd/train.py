@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from .config import OPDConfig
+from .core.config import OPDConfig
 
 
 @dataclass
@@ -47,7 +47,7 @@ def load_models(model_args: ModelConfig, train_args: OPDConfig):
     """Student (optionally quantized + LoRA config), its tokenizer, the teacher path and the teacher's tokenizer."""
     from transformers import AutoTokenizer
 
-    from .models import check_local_path, load_causal_lm, load_tokenizer
+    from .core.models import check_local_path, load_causal_lm, load_tokenizer
 
     student_path = check_local_path(model_args.model_name_or_path, "Student model (--model_name_or_path)")
     check_local_path(train_args.teacher_model_name_or_path, "Teacher model (--teacher_model_name_or_path)")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
         return {"config": config}
 
     from .data import load_prompt_dataset
-    from .trainer import OPDTrainer
+    from .core.trainer import OPDTrainer
 
     if data_args.train_file is None:
         raise SystemExit("--train_file is required: a local .jsonl/.parquet prompt file (see README, Data).")

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from opsd import evaluate as E
-from tiny import make_model, make_tokenizer, write_prompts
+from support import make_model, make_tokenizer, write_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--k", "4", "--max_new_tokens", "6", "--batch_size", "5", "--no_progress"]
@@ -136,7 +136,7 @@ def test_greedy_samples_are_identical(model_dir, prompts):
 def test_lora_adapter_dir_evaluates(model_dir, prompts, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from opsd.models import load_causal_lm
+    from opsd.core.models import load_causal_lm
 
     base = load_causal_lm(model_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from opsd.models import load_causal_lm
+from opsd.core.models import load_causal_lm
 from opsd.train import main
-from test_train_cli import base_args, fixed_batch_kl
-from test_trainer import fixed_batch, make_trainer, trainer_loss_and_grads
-from tiny import save_pair, write_prompts
+from support import base_args, fixed_batch_kl
+from support import fixed_batch, make_trainer, trainer_loss_and_grads
+from support import save_pair, write_prompts
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -86,7 +86,7 @@ def test_qlora_student_trains(setup):
 
 
 def test_quantization_needs_bitsandbytes_message(monkeypatch):
-    from opsd import trainer as trainer_module
+    from opsd.core import trainer as trainer_module
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name))

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opsd.heads import LMHead
-from opsd.losses import divergence_reference, per_token_divergence
+from opsd.core.heads import LMHead
+from opsd.core.losses import divergence_reference, per_token_divergence
 
 
 def _reference(h_s, w_s, b_s, h_t, w_t, beta, temperature, s_scale=1.0, softcap=None, t_scale=1.0, vocab=None):
@@ -18,7 +18,7 @@ def _reference(h_s, w_s, b_s, h_t, w_t, beta, temperature, s_scale=1.0, softcap=
 
 
 def _first_principles(z_s, z_t, beta):
-    """Textbook definitions, written independently of opsd.losses."""
+    """Textbook definitions, written independently of opsd.core.losses."""
     p, q = F.softmax(z_s.double(), -1), F.softmax(z_t.double(), -1)
     kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
     if beta == 1.0:

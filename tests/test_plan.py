@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from opsd import plan as P
 from opsd.gpu_check import LiveTensorBytes
-from tiny import make_model
+from support import make_model
 
 GiB = P.GiB
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -237,8 +237,8 @@ def test_no_grad_forward_transient():
 
 
 def test_chunked_divergence_buffers_bounded_by_constant():
-    from opsd.heads import LMHead
-    from opsd.losses import per_token_divergence
+    from opsd.core.heads import LMHead
+    from opsd.core.losses import per_token_divergence
 
     n, vocab, hidden, chunk = 512, 2048, 32, 64
     torch.manual_seed(0)

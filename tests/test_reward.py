@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from opsd import reward as R
+from opsd.core.weighting import reward_weights
 
 # (completion, ground truth, expected reward)
 REWARD_TABLE = [
@@ -144,30 +145,30 @@ def test_normalize_answer_examples():
 def test_reward_weights_formula_and_mean():
     r = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.5])
     for beta in (0.1, 0.5, 1.0, 10.0):
-        w = R.reward_weights(r, beta)
+        w = reward_weights(r, beta)
         expected = torch.exp(r / beta) / torch.exp(r / beta).sum() * r.numel()
         torch.testing.assert_close(w, expected)
         assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
         assert (w > 0).all()
     # higher reward -> larger weight; small beta concentrates on the best samples
-    w = R.reward_weights(r, 0.01)
+    w = reward_weights(r, 0.01)
     assert w[1] == pytest.approx(2.5, rel=1e-4) and w[0] < 1e-6
     # large beta -> nearly uniform
-    assert torch.allclose(R.reward_weights(r, 1e6), torch.ones(5), atol=1e-5)
+    assert torch.allclose(reward_weights(r, 1e6), torch.ones(5), atol=1e-5)
 
 
 def test_reward_weights_edge_cases():
     r = torch.tensor([1.0, 0.0, 2.0])
     for beta in (None, 0, 0.0, -1.0):
-        torch.testing.assert_close(R.reward_weights(r, beta), torch.ones(3))
-    assert R.reward_weights(torch.tensor([]), 1.0).numel() == 0
-    torch.testing.assert_close(R.reward_weights(torch.tensor([3.0]), 0.5), torch.ones(1))
-    torch.testing.assert_close(R.reward_weights(torch.tensor([1.0, 1.0]), 0.1), torch.ones(2))
+        torch.testing.assert_close(reward_weights(r, beta), torch.ones(3))
+    assert reward_weights(torch.tensor([]), 1.0).numel() == 0
+    torch.testing.assert_close(reward_weights(torch.tensor([3.0]), 0.5), torch.ones(1))
+    torch.testing.assert_close(reward_weights(torch.tensor([1.0, 1.0]), 0.1), torch.ones(2))
     # integer / list input and float64 are accepted; float64 stays float64
-    assert R.reward_weights([1, 0], 1.0).dtype == torch.float32
-    assert R.reward_weights(torch.tensor([1.0, 0.0], dtype=torch.float64), 1.0).dtype == torch.float64
+    assert reward_weights([1, 0], 1.0).dtype == torch.float32
+    assert reward_weights(torch.tensor([1.0, 0.0], dtype=torch.float64), 1.0).dtype == torch.float64
     # numerically stable for huge reward / tiny beta
-    w = R.reward_weights(torch.tensor([1000.0, 0.0]), 1e-3)
+    w = reward_weights(torch.tensor([1000.0, 0.0]), 1e-3)
     assert torch.isfinite(w).all() and w.sum().item() == pytest.approx(2.0)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tip_ext.stats as stats_mod
-from opsd.heads import LMHead
+from opsd.core.heads import LMHead
 from tip_ext import STAT_NAMES, token_stats, token_stats_from_hidden
 
 

@@ -10,21 +10,16 @@ import sys
 import pytest
 import torch
 
-from opsd.losses import divergence_reference
-from opsd.selection import TokenView, loss_weights
-from test_trainer import fixed_batch, full_logits, make_trainer, split, trainer_loss_and_grads
+from opsd.core.losses import divergence_reference
+from opsd.core.selection import TokenView, loss_weights
+from support import fixed_batch, full_logits, make_trainer, split, trainer_loss_and_grads
 from tip_ext import select, token_stats
 from tip_ext.trainer import SelectorConfig, TipSelector, make_selector
-from tiny import save_pair, write_prompts
+from support import save_pair, write_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = [("soft_or", {}), ("q3", {}), ("teachability", {}), ("teachability_entropy", {}), ("entropy_topk", {}),
          ("divergence_topk", {}), ("position_last", {}), ("entropy_sample", {"importance_weights": True})]
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return save_pair(str(tmp_path_factory.mktemp("pair")))
 
 
 def tip(rule, ratio=0.4, scope="rollout_batch", **options):
@@ -110,7 +105,7 @@ def _distributed_worker(rank, world, port, out_dir):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from accelerate import Accelerator
 
-    from opsd.trainer import OPDTrainer
+    from opsd.core.trainer import OPDTrainer
 
     class Stub:  # the trainer's gather/selection machinery without models
         _gather_rows = OPDTrainer._gather_rows

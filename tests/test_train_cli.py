@@ -9,32 +9,11 @@ import sys
 import pytest
 import torch
 
-from opsd.losses import divergence_reference
-from opsd.models import load_causal_lm, load_tokenizer, resolve_distill_vocab
+from opsd.core.models import load_tokenizer, resolve_distill_vocab
 from opsd.train import main
-from tiny import make_model, make_tokenizer, save_pair, write_prompts
+from support import base_args, fixed_batch_kl, make_model, make_tokenizer, save_pair, write_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def base_args(student, teacher, data, out, steps=4, **extra):
-    args = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--train_file", data,
-            "--output_dir", out, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-            "--max_steps", str(steps), "--max_completion_length", "6", "--learning_rate", "1e-2",
-            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--report_to", "none",
-            "--gradient_checkpointing", "false", "--use_cpu", "true", "--save_strategy", "no", "--seed", "0"]
-    for k, v in extra.items():
-        args += [f"--{k}", str(v)]
-    return args
-
-
-def fixed_batch_kl(student_dir, teacher_dir):
-    """Full-token reverse KL on fixed random completions (not sampled: independent of training randomness)."""
-    student, teacher = load_causal_lm(student_dir), load_causal_lm(teacher_dir)
-    ids = torch.randint(2, 20, (8, 10), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        div, _ = divergence_reference(student(input_ids=ids).logits[:, 3:], teacher(input_ids=ids).logits[:, 3:], 1.0)
-    return div.mean().item()
 
 
 @pytest.fixture()
@@ -47,11 +26,11 @@ def setup(tmp_path):
 def test_training_lowers_distillation_loss_and_saves_a_loadable_model(setup):
     student, teacher, data, out = setup
     before = fixed_batch_kl(student, teacher)
-    summary = main(base_args(student, teacher, data, out, steps=8))
+    summary = main(base_args(student, teacher, data, out, steps=24, learning_rate="3e-3"))
     after = fixed_batch_kl(out, teacher)
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.8 * before, (before, after)  # measured: 0.23 -> 0.14
     losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
-    assert len(losses) == 8 and all(h.get("kept_fraction") == 1.0 for h in summary["log_history"] if "loss" in h)
+    assert len(losses) == 24 and all(h.get("kept_fraction") == 1.0 for h in summary["log_history"] if "loss" in h)
     assert os.path.exists(os.path.join(out, "run_summary.json"))
     assert load_tokenizer(out)("1+2=")["input_ids"] == load_tokenizer(student)("1+2=")["input_ids"]
 
@@ -84,7 +63,7 @@ def test_true_vocabulary_mismatch_fails_clearly(tmp_path):
     n = len(tok)
     with pytest.raises(ValueError, match="tokenizers differ"):
         resolve_distill_vocab(make_model(n), make_model(n), tok, make_tokenizer(extra_tokens=2))
-    big = make_tokenizer(extra_tokens=6)
+    big = make_tokenizer(extra_tokens=n + 6 - len(make_tokenizer(extra_tokens=0)))  # n + 6 tokens
     with pytest.raises(ValueError, match="Vocabulary mismatch"):
         resolve_distill_vocab(make_model(n + 2), make_model(n + 4), big)
 

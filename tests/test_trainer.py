@@ -3,17 +3,12 @@ and gradient-accumulation split invariance."""
 
 import pytest
 import torch
-from datasets import Dataset
 
-from opsd.config import OPDConfig
-from opsd.losses import divergence_reference
-from opsd.models import load_causal_lm, load_tokenizer
-from opsd.selection import TokenChoice, TokenSelector
-from opsd.trainer import OPDTrainer
-from tiny import save_pair
+from opsd.core.config import OPDConfig
+from opsd.core.selection import TokenChoice, TokenSelector
+from support import (P, assert_same, fixed_batch, make_trainer, reference_loss_and_grads, split,
+                     trainer_loss_and_grads)
 
-P, C = 3, 6
-LENGTHS = [6, 3, 1, 5]  # completion lengths of the 4 sequences
 
 
 class EvenPositions(TokenSelector):
@@ -30,91 +25,6 @@ class EvenPositions(TokenSelector):
     def choose(self, stats, sequence_ids, positions, generator):
         keep = positions % 2 == 0
         return TokenChoice(keep, (1.0 + positions.float()) if self.weighted else None, {"test/kept": keep.float().sum().item()})
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return save_pair(str(tmp_path_factory.mktemp("pair")))
-
-
-def make_trainer(pair, tmp_path, ga=1, bs=4, selector=None, **cfg):
-    student_dir, teacher_dir = pair
-    args = OPDConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                     report_to=[], bf16=False, gradient_checkpointing=False, use_cpu=True, max_completion_length=C,
-                     save_strategy="no", **cfg)
-    data = Dataset.from_list([{"prompt": "1+1="}] * 8)
-    return OPDTrainer(load_causal_lm(student_dir), teacher_dir, args=args, train_dataset=data,
-                      processing_class=load_tokenizer(student_dir), token_selector=selector)
-
-
-def fixed_batch(tool_mask=True):
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "prompt_ids": torch.randint(2, 20, (4, P), generator=g),
-        "prompt_mask": torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]]),
-        "completion_ids": torch.randint(2, 20, (4, C), generator=g),
-        "completion_mask": torch.tensor([[1] * n + [0] * (C - n) for n in LENGTHS]),
-    }
-    if tool_mask:
-        batch["tool_mask"] = torch.ones(4, C, dtype=torch.long)
-        batch["tool_mask"][0, 2:4] = 0  # tool output inside the first completion
-    return batch
-
-
-def split(batch, parts):
-    size = 4 // parts
-    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
-
-
-def trainer_loss_and_grads(trainer, micro_batches):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    trainer._select_tokens(micro_batches)
-    total = 0.0
-    for mb in micro_batches:
-        loss, _, _ = trainer._compute_loss(trainer.model, mb)
-        loss.backward()
-        total += loss.item()
-    return total, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-
-def full_logits(trainer, batch):
-    """Both models' full logits at the completion positions (student with grad), after zeroing the gradients."""
-    model, teacher = trainer.model, trainer.teacher_model
-    model.zero_grad()
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    z_s = model(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
-    with torch.no_grad():
-        z_t = teacher(input_ids=ids, attention_mask=att).logits[:, P - 1:-1]
-    return z_s, z_t
-
-
-def reference_loss_and_grads(trainer, batch, keep_fn=None, weight_fn=None, normalization="kept_tokens"):
-    """Materialize the full logits of both models and apply the definition of each normalization."""
-    model = trainer.model
-    z_s, z_t = full_logits(trainer, batch)
-    div, _ = divergence_reference(z_s, z_t, trainer.beta)
-    valid = batch["completion_mask"].bool() & batch.get("tool_mask", torch.ones_like(batch["completion_mask"])).bool()
-    positions = valid.long().cumsum(1) - 1
-    keep = valid if keep_fn is None else valid & keep_fn(positions)
-    w = keep.float() * (1.0 if weight_fn is None else weight_fn(positions))
-    if normalization == "kept_tokens":
-        loss = (div * w).sum() / keep.sum()
-    elif normalization == "all_tokens":
-        loss = (div * w).sum() / valid.sum()
-    else:
-        per_seq = (div * w).sum(1) / keep.sum(1).clamp_min(1)
-        loss = per_seq[keep.sum(1) > 0].mean()
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same(got, ref):
-    assert got[0] == pytest.approx(ref[0], rel=1e-5)
-    assert set(got[1]) == set(ref[1])
-    for name in ref[1]:
-        torch.testing.assert_close(got[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("loss_type", ["reverse_kl", "forward_kl", "jsd"])

@@ -1,13 +1,13 @@
-"""Fails loudly when the TRL code OPDTrainer overrides or relies on changes (see opsd/trl_compat.py)."""
+"""Fails loudly when the TRL code OPDTrainer overrides or relies on changes (see opsd/core/trl_compat.py)."""
 
 import trl
 
-from opsd import trl_compat
+from opsd.core import trl_compat
 
 
 def test_trl_version_is_the_pinned_one():
     assert trl.__version__ == trl_compat.TRL_VERSION, (
-        f"trl {trl.__version__} installed, opsd is written against {trl_compat.TRL_VERSION}: see opsd/trl_compat.py")
+        f"trl {trl.__version__} installed, opsd is written against {trl_compat.TRL_VERSION}: see opsd/core/trl_compat.py")
 
 
 def test_overridden_trl_code_is_unchanged():

@@ -44,8 +44,8 @@ def _inputs(n, h, v, dtype, device, seed=0):
 
 
 def _step(variant: str, backend: str, chunk: int, h_s, w_s, h_t, w_t, seq, top_k: int):
-    from opsd.heads import LMHead
-    from opsd.losses import per_token_divergence
+    from opsd.core.heads import LMHead
+    from opsd.core.losses import per_token_divergence
 
     s_head, t_head = LMHead(w_s), LMHead(w_t)
     if variant == "trl_full":

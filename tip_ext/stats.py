@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from opsd.heads import LMHead
+from opsd.core.heads import LMHead
 
 STAT_NAMES = (
     "entropy",

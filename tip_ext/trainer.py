@@ -1,6 +1,6 @@
 """How tip_ext plugs into opsd: a selector configuration and the `TokenSelector` that applies a registered rule.
 
-`TipSelector` implements opsd's selection seam (opsd.selection): `statistics` computes the per-token statistics the
+`TipSelector` implements opsd's selection seam (opsd.core.selection): `statistics` computes the per-token statistics the
 rule (and the quadrant census) needs from hidden states in chunks, `choose` applies `tip_ext.select` and reports the
 census and kept-vs-dropped summaries as metrics, `record` writes the optional token dump.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opsd.selection import SCOPES, TokenChoice, TokenSelector, TokenView
+from opsd.core.selection import SCOPES, TokenChoice, TokenSelector, TokenView
 
 from .census import quadrant_census, summarize_kept
 from .selectors import RULES, needed_stats, select

@@ -1,4 +1,4 @@
-"""Fixed-context diagnostic of token selection (METHODS.md section 3, after TA-OPD): `python -m tip_ext.diagnose`.
+"""Fixed-context diagnostic of token selection (METHODS.md section 3, after TA-OPD): `python -m lab.diagnose`.
 
 Which tokens does a short OPD update actually teach, and do the selection scores know it in advance?
 
@@ -61,7 +61,7 @@ Choices METHODS.md leaves open, and what this module does:
 - Defaults are the paper's where METHODS.md gives them (300 contexts, 192 tokens, budgets 3/5/10%, K = 16) and
   sized for the CPU lab otherwise: 20 steps at lr 3e-4 (the lab's all-token loss falls steadily; 1e-3 overshoots),
   1 torch thread. Measured on the lab (2 shared CPU cores, load ~6): about 105 s for the defaults.
-- Logits are compared over the shared vocabulary (`opsd.models.resolve_distill_vocab`); temperature 1.
+- Logits are compared over the shared vocabulary (`opsd.core.models.resolve_distill_vocab`); temperature 1.
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ import numpy as np
 import torch
 
 from opsd.evaluate import eos_token_ids, tokenize_prompts  # prompts are tokenized exactly as in training
-from opsd.losses import divergence_reference
+from opsd.core.losses import divergence_reference
 
-from .selectors import RULES, select
-from .stats import STAT_NAMES, token_stats
+from tip_ext.selectors import RULES, select
+from tip_ext.stats import STAT_NAMES, token_stats
 
 DEFAULT_SELECTORS = (
     "random",
@@ -361,7 +361,7 @@ def _vocab(student, teacher, tokenizer=None, vocab: int | None = None) -> int:
         if s_rows != t_rows:
             raise ValueError(f"student ({s_rows}) and teacher ({t_rows}) heads differ: pass the tokenizer or vocab")
         return s_rows
-    from opsd.models import resolve_distill_vocab
+    from opsd.core.models import resolve_distill_vocab
 
     return resolve_distill_vocab(student, teacher, tokenizer)
 
@@ -941,7 +941,7 @@ def _load_prompts(path: str, column: str, limit: int | None) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tip_ext.diagnose",
+        prog="python -m lab.diagnose",
         description="Fixed-context diagnostic (TA-OPD): which tokens does a short OPD update on a frozen bank of "
                     "student prefixes teach, and which selection scores predict it. Without --teacher/--student it "
                     "runs on the CPU lab models (trained once and cached). Paper values: 300 contexts x 192 "
@@ -996,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if bool(args.teacher) != bool(args.student):
         raise SystemExit("pass both --teacher and --student, or neither (the lab)")
-    from opsd.models import load_causal_lm, load_tokenizer
+    from opsd.core.models import load_causal_lm, load_tokenizer
 
     progress = not args.no_progress
     meta: dict = {}

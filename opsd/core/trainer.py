@@ -8,7 +8,7 @@ One optimizer step, top to bottom (see ../shared/DESIGN.md and patches/README.md
    teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
    per-token loss factors are built for the configured normalization. Without a selector: keep every valid token.
 3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, only kept
-   rows go through the lm_heads and the divergence (`opsd.losses.per_token_divergence`), loss = sum f_t * l_t.
+   rows go through the lm_heads and the divergence (`opsd.core.losses.per_token_divergence`), loss = sum f_t * l_t.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def peak_memory_gb(device: torch.device) -> float:
 class OPDTrainer(DistillationTrainer):
     """Full-token OPD (no selector) or OPD on the tokens a `TokenSelector` keeps.
 
-    Args beyond TRL's: `token_selector` (see opsd.selection); `reward_fn(completion_text, answer) -> float` for
+    Args beyond TRL's: `token_selector` (see opsd.core.selection); `reward_fn(completion_text, answer) -> float` for
     upstream's reward weighting w_i = n * softmax(r_i / reward_beta) over the whole generation batch (all processes);
     `teacher_tokenizer` (checked against the student's).
     """
@@ -113,7 +113,7 @@ class OPDTrainer(DistillationTrainer):
             self._place_teacher(torch.device("cpu"))
         self.token_selector = token_selector
         if reward_fn is None and args.reward_beta and args.reward_beta > 0 and args.reward_function:
-            from .reward import get_reward_fn
+            from ..reward import get_reward_fn
 
             reward_fn = get_reward_fn(args.reward_function)
         self.reward_fn = reward_fn
@@ -158,7 +158,7 @@ class OPDTrainer(DistillationTrainer):
 
     def _reward_weights(self, inputs, batch) -> torch.Tensor:
         """Per-sample weights n * softmax(r / reward_beta) over the generation batch of all processes."""
-        from .reward import reward_weights
+        from .weighting import reward_weights
 
         if "answer" not in inputs[0]:
             raise ValueError("Reward weighting needs an `answer` column in the prompt file.")

@@ -1,0 +1,43 @@
+"""Shared fixtures, and a report header that says on which CPU and torch build the suite ran."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from support import save_pair
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def pytest_report_header(config):
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        capability = "unknown"
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        flags = " ".join(flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {flag}" in text)
+    except OSError:
+        pass
+    return [f"cpu: {_cpu_model()} ({flags or 'no avx flags read'}); torch {torch.__version__} cpu capability "
+            f"{capability}; {torch.get_num_threads()} threads"]
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    """A saved tiny student (hidden 64) / teacher (hidden 128) pair sharing one 64-token tokenizer."""
+    return save_pair(str(tmp_path_factory.mktemp("pair")))
