@@ -15,7 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 from opsd.core.config import OPDConfig
 from opsd.core.losses import divergence_reference
@@ -190,3 +190,48 @@ def fixed_batch_kl(student_dir, teacher_dir):
     with torch.no_grad():
         div, _ = divergence_reference(student(input_ids=ids).logits[:, 3:], teacher(input_ids=ids).logits[:, 3:], 1.0)
     return div.mean().item()
+
+
+def full_logit_divergence_at(student_dir, teacher_dir, batch):
+    """float64 reverse KL(P_S || P_T) from both saved models' full logits at the valid completion positions of a
+    batch (prompt_ids/prompt_mask/completion_ids/completion_mask), flattened row-major."""
+    student, teacher = load_causal_lm(student_dir), load_causal_lm(teacher_dir)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    p = batch["prompt_ids"].shape[1]
+    with torch.no_grad():
+        z_s = student(input_ids=ids, attention_mask=att).logits[:, p - 1:-1].double()
+        z_t = teacher(input_ids=ids, attention_mask=att).logits[:, p - 1:-1].double()
+    ls, lt = z_s.log_softmax(-1), z_t.log_softmax(-1)
+    kl = (ls.exp() * (ls - lt)).sum(-1)
+    return kl[batch["completion_mask"].bool()]
+
+
+SEQUENCES, COMPLETION = 4, 6  # the fixed generation batch of FixedCompletions
+
+
+class FixedCompletions(OPDTrainer):
+    """OPDTrainer whose generation returns this process's share of a fixed global batch (rows split evenly over
+    the processes), so that runs with different splits (processes, accumulation) see the same completions."""
+
+    def __init__(self, global_batch, *args, **kwargs):
+        self.global_batch = global_batch
+        super().__init__(*args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_rank = next(iter(self.global_batch.values())).shape[0] // world
+        return {k: v[rank * per_rank:(rank + 1) * per_rank].clone() for k, v in self.global_batch.items()}
+
+
+class SaveGradients(TrainerCallback):
+    """Saves (or keeps, with path=None) every parameter's gradient just before each optimizer step."""
+
+    def __init__(self, path=None):
+        self.path, self.grads = path, []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        self.grads.append(grads)
+        if self.path:
+            torch.save(grads, self.path)

@@ -71,9 +71,12 @@ def ref_ta(score, seq, ratio):
     return mask(n, keep)
 
 
-def ref_soft_or(st):
-    h, d = clip_minmax(st["entropy_norm"]), minmax(st["reverse_kl"])
-    return h + d - h * d
+def ref_soft_or(st, q=0.98):
+    """TIP's soft-OR in exact rational arithmetic (the probability that at least one of two independent events
+    with probabilities h, d happens), so that equal scores are exactly equal and ranking ties are real ties."""
+    h, d = clip_minmax(st["entropy_norm"], q), minmax(st["reverse_kl"])
+    return np.array([1 - (1 - Fraction(a)) * (1 - Fraction(b)) for a, b in zip(h.tolist(), d.tolist())],
+                    dtype=object)
 
 
 def ref_teach(st, incompatible=False):
@@ -156,8 +159,7 @@ def test_scope_options():
     got = run("entropy_topk", st, seq, 0.3, per_sequence=True).keep.numpy()
     assert np.array_equal(got, ref_seq_top(r["entropy_norm"], seq, 0.3))
     got = run("soft_or", st, seq, 0.3, entropy_clip_quantile=0.5).keep.numpy()
-    h, d = clip_minmax(r["entropy_norm"], 0.5), minmax(r["reverse_kl"])
-    assert np.array_equal(got, ref_seq_top(h + d - h * d, seq, 0.3))
+    assert np.array_equal(got, ref_seq_top(ref_soft_or(r, 0.5), seq, 0.3))
     got = run("teachability", st, seq, 0.05, q_low=0.2, q_high=0.8).keep.numpy()
     s = robust(r["local_forward_kl"], 0.2, 0.8) * robust(r["support_mass"], 0.2, 0.8)
     assert np.array_equal(got, ref_ta(s, seq, 0.05))
@@ -178,9 +180,9 @@ def test_position_rules_by_hand():
 def test_scores_are_reported():
     st, seq = make_batch(seed=12)
     r = f32(st)
-    np.testing.assert_allclose(run("soft_or", st, seq, 0.5).score.numpy(), ref_soft_or(r), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(run("soft_or", st, seq, 0.5, bottom=True).score.numpy(), 1 - ref_soft_or(r),
-                               rtol=1e-6, atol=1e-7)
+    s = ref_soft_or(r).astype(np.float64)
+    np.testing.assert_allclose(run("soft_or", st, seq, 0.5).score.numpy(), s, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(run("soft_or", st, seq, 0.5, bottom=True).score.numpy(), 1 - s, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(run("teachability", st, seq, 0.5).score.numpy(), ref_teach(r), rtol=1e-6, atol=1e-7)
     assert run("position_first", st, seq, 0.5).score is None
 
@@ -288,7 +290,7 @@ def test_soft_weighting():
     r = f32(st)
     sel = run("soft_or", st, seq, 0.2, weighting="soft")
     assert sel.keep.all()
-    s = ref_soft_or(r)
+    s = ref_soft_or(r).astype(np.float64)
     np.testing.assert_allclose(sel.weights.numpy(), s / s.mean(), rtol=1e-5)
     sel = run("teachability", st, seq, 0.2, weighting="soft")
     t = ref_teach(r)
@@ -378,20 +380,123 @@ def test_entropy_sample_deterministic_and_all_zero():
     assert int(sel.keep.sum()) == 3 and sel.weights.tolist() == sel.keep.float().tolist()
 
 
-def test_entropy_sample_importance_weights():
+def ref_inclusion(w, k):
+    """pi_t proportional to w_t, capped at 1, summing to k, in exact arithmetic (METHODS.md: the unbiased variant
+    needs known inclusion probabilities); the leftover budget goes uniformly to zero weights."""
+    w = [Fraction(x) for x in w]
+    n, positive = len(w), [i for i, x in enumerate(w) if x > 0]
+    if not positive:
+        return [Fraction(k, n)] * n
+    if k >= len(positive):
+        rest = Fraction(k - len(positive), n - len(positive)) if n > len(positive) else Fraction(0)
+        return [Fraction(1) if x > 0 else rest for x in w]
+    sure = set()
+    while True:
+        free = [i for i in positive if i not in sure]
+        share = {i: (k - len(sure)) * w[i] / sum(w[j] for j in free) for i in free}
+        capped = {i for i, v in share.items() if v >= 1}
+        if not capped:
+            return [Fraction(1) if i in sure else share.get(i, Fraction(0)) for i in range(n)]
+        sure |= capped
+
+
+def exact_expectation(pi, k, losses):
+    """E over every order and every u of (kept-token mean of w_t * l_t, inclusion indicators) for the design
+    of `entropy_sample(importance_weights=True)`: systematic sampling over a uniformly random order."""
+    from tip_ext.selectors import systematic_sample
+
+    n = len(pi)
+    pi_t = torch.tensor([float(p) for p in pi], dtype=torch.float64)
+    mean_loss, inclusion, orders = 0.0, np.zeros(n), list(permutations(range(n)))
+    for order in orders:
+        ends = np.cumsum([float(pi[i]) for i in order])
+        cuts = sorted({0.0, 1.0, *[e % 1.0 for e in ends]})
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            if hi - lo < 1e-12:
+                continue
+            keep = systematic_sample(pi_t, torch.tensor(order), (lo + hi) / 2).numpy()
+            assert keep.sum() == k
+            mass = (hi - lo) / len(orders)
+            mean_loss += mass * sum(k / (n * float(pi[i])) * losses[i] for i in range(n) if keep[i]) / k
+            inclusion += mass * keep
+    return mean_loss, inclusion
+
+
+def design(h, mix):
+    """The sampling weights of the weighted variant: (1 - mix) * h / sum(h) + mix / N."""
+    h = [Fraction(x) for x in h]
+    return [(1 - Fraction(mix)) * x / sum(h) + Fraction(mix) / len(h) for x in h]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_entropy_sample_importance_weights_are_unbiased_by_exact_enumeration(k):
+    h = [0.1, 0.2, 0.4, 0.0, 0.8, 0.5]
+    losses = [0.3, 2.5, 1.0, 4.0, 0.7, 3.1]  # all-token mean 1.9333, with a zero-entropy token of high loss
+    pi = ref_inclusion(design(h, 0.1), k)
+    assert sum(pi) == k and min(pi) > 0
+    mean_loss, inclusion = exact_expectation(pi, k, losses)
+    assert mean_loss == pytest.approx(sum(losses) / len(losses), abs=1e-9)
+    np.testing.assert_allclose(inclusion, [float(p) for p in pi], atol=1e-9)
+    # without the uniform share, the zero-entropy token is never drawn: unbiased only over the others
+    pi0 = ref_inclusion(h, k)
+    mean0, _ = exact_expectation(pi0, k, losses)
+    assert pi0[3] == 0 and mean0 == pytest.approx((sum(losses) - losses[3]) / len(losses), abs=1e-9)
+
+
+def test_entropy_sample_importance_weights_follow_the_design():
     h = torch.tensor([0.1, 0.2, 0.4, 0.0, 0.8, 0.5], dtype=torch.float64)
-    sel = select("entropy_sample", {"entropy_norm": h}, 0.5, generator=torch.Generator().manual_seed(4),
-                 importance_weights=True)
-    p = h / h.sum()
-    torch.testing.assert_close(sel.score.double(), p, rtol=1e-6, atol=1e-7)
-    kept = sel.keep
-    assert int(kept.sum()) == 3 and not kept[3]
-    inv = 1 / p[kept]
-    torch.testing.assert_close(sel.weights[kept].double(), inv / inv.mean(), rtol=1e-6, atol=1e-7)
-    assert sel.weights[~kept].eq(0).all()
-    # filler tokens (zero probability) get weight 0
-    sel = select("entropy_sample", {"entropy_norm": h}, 1.0, importance_weights=True)
-    assert sel.weights[3] == 0 and sel.keep.all()
+    k, draws = 3, 3000
+    pi = np.array([float(p) for p in ref_inclusion(design(h.tolist(), 0.1), k)])
+    g = torch.Generator().manual_seed(4)
+    freq = np.zeros(6)
+    for _ in range(draws):
+        sel = select("entropy_sample", {"entropy_norm": h}, 0.5, generator=g, importance_weights=True)
+        kept = sel.keep.numpy()
+        assert kept.sum() == k
+        np.testing.assert_allclose(sel.weights.double().numpy()[kept], k / (6 * pi[kept]), rtol=1e-6)
+        assert (sel.weights.numpy()[~kept] == 0).all()
+        freq += kept
+    np.testing.assert_allclose(freq / draws, pi, atol=0.04)  # standard error <= 0.0092
+    assert pi[4] == 1.0 and 0 < pi[3] < 0.1  # 0.8 capped (always kept); the zero-entropy token is drawn rarely
+    pi0 = [float(p) for p in ref_inclusion(h.tolist(), k)]
+    sel = select("entropy_sample", {"entropy_norm": h}, 0.5, importance_weights=True, uniform_mix=0.0,
+                 generator=torch.Generator().manual_seed(5))
+    assert not sel.keep[3] and sel.weights[sel.keep].double().numpy() == pytest.approx(
+        [k / (6 * pi0[i]) for i in np.flatnonzero(sel.keep.numpy())], rel=1e-6)
+
+
+def test_entropy_sample_importance_weights_edge_cases():
+    one = select("entropy_sample", {"entropy_norm": torch.tensor([0.7])}, 1.0, importance_weights=True)
+    assert one.keep.tolist() == [True] and one.weights.tolist() == [1.0]
+    # k = N: every token surely kept with weight 1; k above the positive tokens: the positive ones are sure
+    h = torch.tensor([0.1, 0.2, 0.4, 0.0, 0.8, 0.5], dtype=torch.float64)
+    sel = select("entropy_sample", {"entropy_norm": h}, 1.0, importance_weights=True, uniform_mix=0.0)
+    assert sel.keep.all()
+    torch.testing.assert_close(sel.weights.double(), torch.ones(6, dtype=torch.float64))
+    zeros = select("entropy_sample", {"entropy_norm": torch.zeros(10)}, 0.3, importance_weights=True,
+                   generator=torch.Generator().manual_seed(1))
+    assert int(zeros.keep.sum()) == 3
+    torch.testing.assert_close(zeros.weights[zeros.keep].double(), torch.ones(3, dtype=torch.float64))
+    # a ratio whose budget rounds to zero keeps nothing with min_keep=0
+    none = select("entropy_sample", {"entropy_norm": h}, 0.1, importance_weights=True, min_keep=0)
+    assert not none.keep.any()
+
+
+def test_soft_or_saturated_entropy_ties_go_to_the_earlier_position():
+    """Every token with clipped entropy 1 scores exactly 1 whatever its divergence: among those, the earliest win."""
+    n = 50
+    h = np.linspace(0.0, 0.5, n)
+    h[[7, 11, 23, 31, 40]] = 0.99  # above the 98th percentile: clipped, then normalized to exactly 1
+    d = np.random.default_rng(3).uniform(0.1, 0.9, n)
+    d[[7, 11, 23, 31, 40]] = [0.3, 0.6, 0.1, 0.45, 0.95]  # different divergences under a saturated entropy axis
+    st = {"entropy_norm": h, "reverse_kl": d}
+    st32 = f32(st)
+    score = run("soft_or", st, [0] * n, 0.5).score.numpy()
+    ties = score[[7, 11, 23, 31, 40]]
+    assert (ties == ties[0]).all() and ties[0] == 1.0
+    keep = run("soft_or", st, [0] * n, 3 / n, min_keep=0).keep.numpy()
+    assert np.flatnonzero(keep).tolist() == np.flatnonzero(ref_seq_top(ref_soft_or(st32), [0] * n, 3 / n, 0)).tolist()
+    assert np.flatnonzero(keep).tolist() == [7, 11, 23]
 
 
 # ------------------------------------------------------------------ random control

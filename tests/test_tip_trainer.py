@@ -59,19 +59,6 @@ def test_selective_gradient_equals_masked_reference(pair, tmp_path, rule, option
     assert sum(metrics[f"census/all/Q{i}"][-1] for i in range(1, 5)) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("rule", ["soft_or", "q3", "teachability"])
-def test_rollout_scope_over_micro_batches_equals_one_batch(pair, tmp_path, rule):
-    batch = fixed_batch()
-    masks, losses = [], []
-    for ga, bs in ((1, 4), (4, 1)):
-        trainer = make_trainer(pair, tmp_path, ga=ga, bs=bs, selector=tip(rule, scope="rollout_batch"))
-        mbs = split(batch, ga)
-        losses.append(trainer_loss_and_grads(trainer, mbs))
-        masks.append(torch.cat([mb["loss_weights"] > 0 for mb in mbs]))
-    assert torch.equal(masks[0], masks[1])
-    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
-
-
 def test_micro_batch_and_sequence_scopes_select_within_their_group(pair, tmp_path):
     batch = fixed_batch()
     trainer = make_trainer(pair, tmp_path, ga=2, bs=2, selector=tip("divergence_topk", 0.5, scope="micro_batch"))

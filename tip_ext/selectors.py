@@ -11,7 +11,7 @@ increasing position order, plus `sequence_ids` [N] saying which rollout each tok
 | random               | -                                       | batch            | floor(rho*N) | min_keep=1                                                 |
 | position_first       | -                                       | sequence         | floor(rho*m) | min_keep=1                                                 |
 | position_last        | -                                       | sequence         | floor(rho*m) | min_keep=1                                                 |
-| entropy_sample       | entropy_norm (+ reverse_kl if gamma!=0) | batch, sampled   | floor(rho*N) | alpha=1, gamma=0, importance_weights=False, min_keep=1     |
+| entropy_sample       | entropy_norm (+ reverse_kl if gamma!=0) | batch, sampled   | floor(rho*N) | alpha=1, gamma=0, importance_weights=False, uniform_mix=0.1, min_keep=1 |
 | entropy_topk         | entropy_norm                            | batch            | floor(rho*N) | per_sequence=False, min_keep=1                             |
 | divergence_topk      | reverse_kl                              | batch            | floor(rho*N) | per_sequence=False, min_keep=1                             |
 | soft_or (TIP)        | entropy_norm, reverse_kl                | sequence         | floor(rho*m) | entropy_clip_quantile=0.98, bottom=False, per_sequence=True, min_keep=1 |
@@ -30,9 +30,15 @@ Choices METHODS.md leaves open, and what this module does:
   helper used JSD/ln 2; reverse KL is TIP's divergence axis). k tokens are drawn without replacement, draw by draw
   with probability proportional to w (Efraimidis-Spirakis keys). Tokens with w = 0 are never drawn unless k exceeds
   the number of w > 0 tokens; the rest of the budget is then filled uniformly from them. The score is
-  p_t = w_t / sum(w). importance_weights=True gives kept tokens weight 1/p_t rescaled to mean 1 over the kept set
-  (exactly unbiased for a single draw; an approximation of Horvitz-Thompson weights for k > 1), weight 0 to
-  zero-probability filler tokens, and weight 1 everywhere if all w are 0.
+  p_t = w_t / sum(w). importance_weights=True (the papers' unbiased variant) switches to a design whose inclusion
+  probabilities are known exactly: pi_t proportional to w_t, capped at 1 and summing to k (`inclusion_probabilities`;
+  zero-weight tokens get the leftover budget uniformly when k exceeds the positive tokens, all-zero w gives k/N),
+  drawn by systematic sampling over a random order (`systematic_sample`); kept tokens get the Horvitz-Thompson
+  weight k / (N pi_t), so the kept-token mean (the default kept_tokens normalization, |T| = k) is an unbiased
+  estimate of the all-token mean loss. Unbiased needs pi_t > 0 for every token: the design mixes a uniform share
+  into p (`uniform_mix`, default 0.1, which also bounds every weight by 1 / uniform_mix); uniform_mix=0 samples
+  exactly in proportion to w and is unbiased only for the tokens with w > 0. (Rescaling 1/p_t to mean 1 over the kept set, as before, is
+  self-normalized and biased: with one kept token its weight is always 1.)
 - soft_or bottom=True (the paper's sanity check) ranks by 1 - s, i.e. keeps the lowest-s tokens of each sequence.
 - teachability: after the batch top ceil(rho*N), each sequence without a kept token gets its best-scoring token, so
   the total can exceed ceil(rho*N). teachability_entropy soft-ORs Norm(entropy in nats) with s.
@@ -230,7 +236,9 @@ def _robust_norm(z: torch.Tensor, q_low: float, q_high: float, eps: float) -> to
 
 
 def _soft_or(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a + b - a * b
+    # 1 - (1-a)(1-b), not a + b - ab: with a == 1 (every clipped entropy) the latter differs by an ulp between
+    # tokens whose scores are equal, and the tie no longer goes to the earlier position
+    return 1.0 - (1.0 - a) * (1.0 - b)
 
 
 def _score_selection(keep: torch.Tensor, score: torch.Tensor) -> Selection:
@@ -287,6 +295,56 @@ def _sample_without_replacement(w: torch.Tensor, k: int, generator: torch.Genera
     return keep
 
 
+def inclusion_probabilities(w: torch.Tensor, k: int) -> torch.Tensor:
+    """pi_t proportional to w_t, capped at 1, summing to k (float64): the design of the importance-weighted sample.
+
+    Tokens whose share k * w_t / sum(w) exceeds 1 are taken surely and the rest of the budget is spread over the
+    others in proportion to w. With k above the number of positive weights, every positive token is sure and the
+    remainder is spread uniformly over the zero-weight ones; all weights zero: uniform k / N.
+    """
+    w = w.double().clamp_min(0)
+    n = w.numel()
+    pi = torch.zeros(n, dtype=torch.float64, device=w.device)
+    if k <= 0:
+        return pi
+    positive = w > 0
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return pi.fill_(k / n)
+    if k >= n_pos:
+        pi[positive] = 1.0
+        if k > n_pos:
+            pi[~positive] = (k - n_pos) / (n - n_pos)
+        return pi
+    sure = torch.zeros(n, dtype=torch.bool, device=w.device)
+    while True:
+        budget = k - int(sure.sum())
+        rest = positive & ~sure
+        share = budget * w / w[rest].sum()
+        newly = rest & (share >= 1.0)
+        if not newly.any():
+            break
+        sure |= newly
+    pi[sure] = 1.0
+    pi[rest] = share[rest]
+    return pi
+
+
+def systematic_sample(pi: torch.Tensor, order: torch.Tensor, u: float) -> torch.Tensor:
+    """Bool mask of a systematic sample: lay the tokens out in `order` on [0, k) with lengths pi_t and take the
+    token under each of the points u, u + 1, ..., u + k - 1 (u in [0, 1)). Token t is drawn with probability exactly
+    pi_t (pi_t <= 1) when u is uniform, and exactly k = sum(pi) tokens are drawn."""
+    k = round(float(pi.sum()))
+    keep = torch.zeros(pi.numel(), dtype=torch.bool, device=pi.device)
+    if k == 0:
+        return keep
+    ends = torch.cumsum(pi[order], 0)
+    ends = ends * (k / ends[-1])  # exactly k at the end whatever the float rounding
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    keep[order] = torch.ceil(ends - u) > torch.ceil(starts - u)
+    return keep
+
+
 @register(
     "entropy_sample",
     needs=("entropy_norm",),
@@ -299,26 +357,33 @@ def _rule_entropy_sample(
     alpha: float = 1.0,
     gamma: float = 0.0,
     importance_weights: bool = False,
+    uniform_mix: float = 0.1,
     min_keep: int = 1,
 ) -> Selection:
     if alpha < 0 or gamma < 0:
         raise ValueError(f"alpha and gamma must be >= 0, got {alpha}, {gamma}")
+    if not 0.0 <= uniform_mix <= 1.0:
+        raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
     w = ctx.stats["entropy_norm"].double().clamp_min(0) ** alpha
     if gamma != 0:
         w = w * _minmax(ctx.stats["reverse_kl"]) ** gamma
     total = w.sum()
     p = w / total if total > 0 else torch.zeros_like(w)
     k = int(_num_keep(torch.tensor([ctx.n]), ctx.ratio, "floor", min_keep))
-    keep = _sample_without_replacement(w, k, ctx.generator)
-    weights = None
-    if importance_weights:
-        if total > 0:
-            inv = torch.where(keep & (p > 0), 1.0 / p.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-            weights = inv / inv[keep].mean() if keep.any() else inv
-        else:
-            weights = keep.double()
-        weights = weights.float()
-    return Selection(keep=keep, weights=weights, score=p.float())
+    if not importance_weights:
+        return Selection(keep=_sample_without_replacement(w, k, ctx.generator), score=p.float())
+    # Horvitz-Thompson: a fixed-size design whose inclusion probabilities pi_t are known exactly, and weights
+    # k / (N pi_t), so that the kept-token mean sum_T w_t l_t / k is an unbiased estimate of the all-token mean
+    # every token needs pi_t > 0 for an unbiased estimate: mix a uniform share into the design (defensive
+    # importance sampling), which also bounds each weight by 1 / uniform_mix
+    design = (1.0 - uniform_mix) * p + uniform_mix / ctx.n if total > 0 else torch.ones_like(w)
+    pi = inclusion_probabilities(design, k)
+    gen_device = ctx.generator.device if ctx.generator is not None else torch.device("cpu")
+    order = torch.randperm(ctx.n, generator=ctx.generator, device=gen_device).to(ctx.device)
+    u = float(torch.rand(1, generator=ctx.generator, dtype=torch.float64, device=gen_device))
+    keep = systematic_sample(pi, order, u)
+    weights = torch.where(keep, k / (ctx.n * pi.clamp_min(torch.finfo(torch.float64).tiny)), 0.0)
+    return Selection(keep=keep, weights=weights.float(), score=p.float())
 
 
 @register("entropy_topk", needs=("entropy_norm",), description="top floor(rho*N) by student entropy")

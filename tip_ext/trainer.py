@@ -55,17 +55,24 @@ class SelectorConfig:
     def __post_init__(self):
         if isinstance(self.selector_options, str):
             self.selector_options = json.loads(self.selector_options) if self.selector_options.strip() else None
+        # every setting is checked, with or without a rule: a typo in a baseline's launch line fails at start too
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"--ratio must be in (0, 1], got {self.ratio}.")
+        if self.scope not in SCOPES:
+            raise ValueError(f"--scope must be one of {SCOPES}, got {self.scope!r}.")
+        if self.selector_weighting not in ("hard", "soft"):
+            raise ValueError(f"--selector_weighting must be 'hard' or 'soft', got {self.selector_weighting!r}.")
+        if self.support_top_k < 1:
+            raise ValueError(f"--support_top_k must be >= 1 (the K of the top-K support sets), got {self.support_top_k}.")
+        if not 0.0 < self.census_quantile < 1.0:
+            raise ValueError(f"--census_quantile must be in (0, 1), got {self.census_quantile}.")
         if self.selector in (None, "none", "None", ""):
+            if self.selector_options:
+                raise ValueError("--selector_options were given but --selector is none: name the rule they belong to.")
             self.selector = None
             return
         if self.selector not in RULES:
-            raise ValueError(f"Unknown selector {self.selector!r}; choose one of {sorted(RULES)} or none.")
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}.")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
-        if self.selector_weighting not in ("hard", "soft"):
-            raise ValueError(f"selector_weighting must be 'hard' or 'soft', got {self.selector_weighting!r}.")
+            raise ValueError(f"Unknown --selector {self.selector!r}; choose one of {sorted(RULES)} or none.")
         import inspect
 
         allowed = {name for name, p in inspect.signature(RULES[self.selector].fn).parameters.items()

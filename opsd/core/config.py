@@ -84,8 +84,13 @@ class OPDConfig(DistillationConfig):
     )
     skip_nonfinite_loss: bool = field(
         default=True,
-        metadata={"help": "On a NaN/inf loss, log a warning and contribute a zero gradient instead of corrupting "
-                  "the weights."},
+        metadata={"help": "On a NaN/inf loss in any micro-batch (on any process), log a warning and skip that "
+                  "optimizer step: no weight update, no weight decay, no optimizer-state update. False: stop."},
+    )
+    max_consecutive_skipped_steps: int = field(
+        default=5,
+        metadata={"help": "Stop with an error after this many optimizer steps in a row were skipped for a "
+                  "non-finite loss (a teacher that is NaN on every step). 0 = never stop."},
     )
 
     def __post_init__(self):
@@ -105,6 +110,8 @@ class OPDConfig(DistillationConfig):
             raise ValueError(f"teacher_quantization must be None, '8bit' or '4bit', got {self.teacher_quantization!r}.")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}.")
+        if self.max_consecutive_skipped_steps < 0:
+            raise ValueError(f"max_consecutive_skipped_steps must be >= 0, got {self.max_consecutive_skipped_steps}.")
         if self.rollout_n < 1:
             raise ValueError(f"rollout_n must be >= 1, got {self.rollout_n}.")
         # TRL's beta: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher), between = JSD.

@@ -1,18 +1,23 @@
 """OPDTrainer: memory-efficient on-policy distillation as a subclass of TRL's DistillationTrainer.
 
-One optimizer step, top to bottom (see ../shared/DESIGN.md and patches/README.md):
+One optimizer step, top to bottom (README "Layout", patches/README.md, docs/METHODS.md for the formulas):
 1. `_prepare_inputs`: the student samples completions for the generation batch (TRL's generation, HF or vLLM),
    optional reward weights, shuffle and split into gradient-accumulation micro-batches.
 2. `_select_tokens` (THE place a token's keep mask is decided): with a selector, a no-grad pass computes the
    student's and the teacher's hidden states at the valid completion positions (the teacher's are cached, so the
    teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
    per-token loss factors are built for the configured normalization. Without a selector: keep every valid token.
-3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, only kept
-   rows go through the lm_heads and the divergence (`opsd.core.losses.per_token_divergence`), loss = sum f_t * l_t.
+3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, the rows
+   `_select_tokens` kept (`loss_keep`) go through the lm_heads and the divergence
+   (`opsd.core.losses.per_token_divergence`), loss = sum f_t * l_t. A micro-batch that keeps nothing still puts the
+   head's parameters into the graph (DDP with gradient checkpointing waits for every parameter).
+4. The optimizer step is skipped on every process when any micro-batch had a non-finite loss (`_skip_this_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import resource
 import warnings
 
@@ -55,6 +60,31 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _whole(tensor):
+    """A plain tensor of a possibly sharded parameter: FSDP2 keeps DTensor shards, gathered here (differentiably)."""
+    if tensor is not None and isinstance(tensor, torch.distributed.tensor.DTensor):
+        return tensor.full_tensor()
+    return tensor
+
+
+@contextlib.contextmanager
+def whole_heads(*heads: LMHead):
+    """The heads with whole weights, for reading them outside the wrapped model's forward.
+
+    Under FSDP2 the weights are DTensor shards (gathered with `full_tensor()`); under DeepSpeed ZeRO-3 they are empty
+    placeholders outside their module's forward (gathered read-only with `GatheredParameters` while the context is
+    open). Anything computed inside must not keep references to ZeRO-3 weights after the context closes.
+    """
+    partitioned = [t for h in heads for t in (h.weight, h.bias) if t is not None and hasattr(t, "ds_id")]
+    gather = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    with gather:
+        yield [dataclasses.replace(h, weight=_whole(h.weight), bias=_whole(h.bias)) for h in heads]
 
 
 class OPDTrainer(DistillationTrainer):
@@ -112,11 +142,44 @@ class OPDTrainer(DistillationTrainer):
                                  "teacher is sharded instead (see run_scripts/accelerate/).")
             self._place_teacher(torch.device("cpu"))
         self.token_selector = token_selector
+        self._check_prompts_fit_the_tokenizer(train_dataset)
+        self._suppress_ids_without_tokens()
+        self._nonfinite_in_step = False  # set by _compute_loss, read when the optimizer steps
+        self._skipped_in_a_row = 0
+        self._entropy_totals = {"train": torch.zeros(2), "eval": torch.zeros(2)}  # (sum over tokens, tokens)
         if reward_fn is None and args.reward_beta and args.reward_beta > 0 and args.reward_function:
             from ..reward import get_reward_fn
 
             reward_fn = get_reward_fn(args.reward_function)
         self.reward_fn = reward_fn
+
+    def _check_prompts_fit_the_tokenizer(self, dataset) -> None:
+        """Conversational prompts need a chat template: fail at start, not at step 1."""
+        if dataset is None or not hasattr(dataset, "__getitem__") or not len(dataset):
+            return
+        prompt = dataset[0].get("prompt") if isinstance(dataset[0], dict) else None
+        if isinstance(prompt, list) and getattr(self._tokenizer, "chat_template", None) is None:
+            raise ValueError("The prompts are chat messages but the student's tokenizer has no chat template: save a "
+                             "tokenizer with a chat_template, or use plain-text prompts (opsd.data writes either).")
+
+    def _suppress_ids_without_tokens(self) -> None:
+        """Never sample an id the tokenizer (and so the teacher) does not have.
+
+        Embedding matrices are often padded past the tokenizer (151936 rows for 151669 Qwen tokens); a student with
+        more rows than the distilled vocabulary could sample a padding id, which the teacher cannot embed
+        (IndexError on CPU, a device-side assert on CUDA). Those ids are suppressed in generation.
+        """
+        rows = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        if rows <= self.distill_vocab_size:
+            return
+        padding_ids = list(range(self.distill_vocab_size, rows))
+        suppressed = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(padding_ids))
+        self.generation_kwargs["suppress_tokens"] = suppressed
+        self.generation_config.suppress_tokens = suppressed
+        if self.args.use_vllm:
+            raise ValueError(f"The student's head has {rows} rows but only {self.distill_vocab_size} tokens are shared "
+                             "with the teacher; vLLM generation cannot suppress the padding ids here. Resize the "
+                             "student's embeddings to the tokenizer (model.resize_token_embeddings) or use HF generate.")
 
     # ----- data -----------------------------------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
@@ -142,8 +205,9 @@ class OPDTrainer(DistillationTrainer):
             batch = self._generate_and_score_completions(generation_batch)
             if self.args.teacher_offload:
                 self._teacher_phase([batch])
-            mask = self._loss_mask(batch).float()
-            batch["loss_weights"] = mask / mask.sum().clamp_min(1.0)  # evaluation: full-token mean
+            mask = self._loss_mask(batch)
+            batch["loss_keep"] = mask
+            batch["loss_weights"] = mask.float() / mask.sum().clamp_min(1.0)  # evaluation: full-token mean
             return batch
         accumulation = self.args.gradient_accumulation_steps
         if self._step % accumulation == 0 or self._buffered_inputs is None:
@@ -232,7 +296,8 @@ class OPDTrainer(DistillationTrainer):
     def _select_tokens(self, micro_batches: list[dict]) -> None:
         """Decide which completion tokens enter the loss and with what factor; the only place masks are decided.
 
-        Writes `loss_weights` [B, C] (and `teacher_hidden` when a statistics pass ran) into each micro-batch.
+        Writes `loss_keep` (bool [B, C]: the rows the gradient pass takes), `loss_weights` (float [B, C]: each kept
+        token's factor in the step's loss) and, when a statistics pass ran, `teacher_hidden` into each micro-batch.
         """
         selector = self.token_selector
         masks = [self._loss_mask(mb) for mb in micro_batches]
@@ -245,8 +310,8 @@ class OPDTrainer(DistillationTrainer):
                    for w, mb in zip(weights, micro_batches)]
         factors = loss_weights(keeps, weights, masks, self.args.loss_normalization, self.accelerator.num_processes,
                                self._all_reduce_sum)
-        for mb, factor in zip(micro_batches, factors):
-            mb["loss_weights"] = factor
+        for mb, keep, factor in zip(micro_batches, keeps, factors):
+            mb["loss_keep"], mb["loss_weights"] = keep, factor
         kept = self._all_reduce_sum(sum(k.sum() for k in keeps))
         valid = self._all_reduce_sum(sum(m.sum() for m in masks))
         self._metrics["train"]["kept_fraction"].append((kept / valid.clamp_min(1)).item())
@@ -255,9 +320,12 @@ class OPDTrainer(DistillationTrainer):
     def _run_selector(self, selector, micro_batches, masks):
         student = self.accelerator.unwrap_model(self.model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        s_head, t_head = self._heads(student, teacher)
-        s_head = LMHead(s_head.weight.detach(), None if s_head.bias is None else s_head.bias.detach(),
-                        s_head.scale, s_head.softcap, s_head.vocab_size)
+        with whole_heads(*self._heads(student, teacher)) as (s_head, t_head):
+            return self._run_selector_with_heads(selector, micro_batches, masks, student, s_head, t_head)
+
+    def _run_selector_with_heads(self, selector, micro_batches, masks, student, s_head, t_head):
+        s_head = dataclasses.replace(s_head, weight=s_head.weight.detach(),
+                                     bias=None if s_head.bias is None else s_head.bias.detach())
         # sequence ids unique across the step's micro-batches and across processes (equal per-device batches)
         offset = self.accelerator.process_index * sum(mask.shape[0] for mask in masks)
         views, stats, flats = [], [], []
@@ -268,7 +336,9 @@ class OPDTrainer(DistillationTrainer):
                              positions=positions, temperature=self.temperature)
             offset += mask.shape[0]
             if selector.needs_model_pass:
-                hidden = self._get_last_hidden_state(student, *self._model_inputs(mb))
+                # through the wrapper's forward, so FSDP/ZeRO-3 materialize the sharded backbone as in training
+                hidden = self._forward_redirection(self.model_wrapped, student, self._get_last_hidden_state, student,
+                                                   *self._model_inputs(mb))
                 view.student_hidden = hidden.reshape(-1, hidden.shape[-1])[flat].to(s_head.weight.device)
                 view.teacher_hidden = mb["teacher_hidden"].reshape(-1, mb["teacher_hidden"].shape[-1])[flat].to(
                     t_head.weight.device)
@@ -330,12 +400,13 @@ class OPDTrainer(DistillationTrainer):
         input_ids, attention_mask, logits_to_keep = self._model_inputs(inputs)
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
         factors = inputs["loss_weights"].reshape(-1)
-        rows = (factors != 0).nonzero(as_tuple=True)[0]
+        rows = inputs["loss_keep"].reshape(-1).nonzero(as_tuple=True)[0]  # the decision made in _select_tokens
         teacher_hidden = inputs.get("teacher_hidden")
         if teacher_hidden is None:
             teacher_hidden = self._teacher_hidden(inputs)
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        s_head, t_head = self._heads(unwrapped_student, unwrapped_teacher)
+        s_head, t_head = (dataclasses.replace(h, weight=_whole(h.weight), bias=_whole(h.bias))
+                          for h in self._heads(unwrapped_student, unwrapped_teacher))
         h_s = hidden.reshape(-1, hidden.shape[-1])[rows].to(s_head.weight.device)
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(t_head.weight.device)
         divergence, entropy = per_token_divergence(h_s, s_head, h_t, t_head, self.beta, self.temperature,
@@ -344,15 +415,75 @@ class OPDTrainer(DistillationTrainer):
         if not torch.isfinite(loss):
             if not self.args.skip_nonfinite_loss:
                 raise FloatingPointError(f"Non-finite OPD loss {loss.item()} at step {self.state.global_step}.")
-            warnings.warn(f"Non-finite OPD loss at step {self.state.global_step}: this micro-batch contributes a zero "
-                          f"gradient (set skip_nonfinite_loss=False to stop instead).", stacklevel=2)
-            self._metrics["train"]["nonfinite_skipped"].append(1.0)
-            loss = hidden[..., :0].sum()  # zero loss, zero (finite) gradient, graph still connected
+            warnings.warn(f"Non-finite OPD loss at step {self.state.global_step}: the optimizer step is skipped (set "
+                          f"skip_nonfinite_loss=False to stop instead).", stacklevel=2)
+            self._nonfinite_in_step = True
+            loss, rows = hidden[..., :0].sum(), rows[:0]
+            entropy = entropy[:0]
+        if rows.numel() == 0:
+            # No kept row here (or a skipped loss): the head's parameters would get no gradient on this rank, and
+            # DDP without find_unused_parameters (TRL's default with gradient checkpointing) waits for them forever.
+            # A zero term keeps every trainable head parameter in this micro-batch's graph.
+            loss = loss + sum(0.0 * t.sum() for t in (s_head.weight, s_head.bias) if t is not None and t.requires_grad)
         return loss, entropy.detach().sum(), torch.tensor(rows.numel(), device=loss.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss through the wrapped model's forward (so DDP/FSDP see it); the kept-token entropy is summed here,
+        outside the wrapped forward, and logged weighted by kept tokens (a micro-batch that keeps nothing adds
+        nothing, instead of a zero)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss, entropy_sum, kept = self._forward_redirection(model, unwrapped, self._compute_loss, unwrapped, inputs,
+                                                            num_items_in_batch)
+        totals = torch.stack([entropy_sum.float().reshape(()), kept.float().reshape(())]).to(self.accelerator.device)
+        totals = self.accelerator.gather(totals.reshape(1, 2)).reshape(-1, 2).sum(0)
+        self._entropy_totals["train" if self.model.training else "eval"] += totals.cpu()
+        return (loss, None) if return_outputs else loss
+
+    # ----- optimizer: skipped steps -----------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if not getattr(optimizer, "_opsd_guarded", False):
+            step = optimizer.step
+
+            def guarded_step(*args, **kwargs):
+                if self._skip_this_step():
+                    return None
+                return step(*args, **kwargs)
+
+            optimizer.step, optimizer._opsd_guarded = guarded_step, True
+        return optimizer
+
+    def _skip_this_step(self) -> bool:
+        """True when any micro-batch of this optimizer step, on any process, had a non-finite loss.
+
+        A skipped step moves nothing: no weight decay, no optimizer state update (gradients are dropped). After
+        `max_consecutive_skipped_steps` skipped steps in a row the run stops with an error instead of idling.
+        """
+        flag = torch.tensor([1.0 if self._nonfinite_in_step else 0.0], device=self.accelerator.device)
+        self._nonfinite_in_step = False
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() == 0:
+            self._skipped_in_a_row = 0
+            return False
+        self._skipped_in_a_row += 1
+        self._metrics["train"]["skipped_steps"].append(1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        limit = self.args.max_consecutive_skipped_steps
+        if limit and self._skipped_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self._skipped_in_a_row} optimizer steps in a row had a non-finite OPD loss (last at step "
+                f"{self.state.global_step}); the teacher or student produces NaN/inf. Check the teacher's dtype and "
+                f"weights (e.g. fp16 overflow: use bfloat16/float32), or raise --max_consecutive_skipped_steps.")
+        return True
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        entropy_sum, tokens = self._entropy_totals[mode].tolist()
+        self._entropy_totals[mode].zero_()
+        if tokens > 0:
+            self._metrics[mode]["entropy"] = [entropy_sum / tokens]
         self._metrics[mode]["peak_memory_gb"].append(peak_memory_gb(self.accelerator.device))
         super().log(logs, start_time)
 
