@@ -75,7 +75,7 @@ def test_micro_batch_and_sequence_scopes_select_within_their_group(pair, tmp_pat
 
 
 def test_selector_config_errors():
-    with pytest.raises(ValueError, match="Unknown selector"):
+    with pytest.raises(ValueError, match="Unknown --selector"):
         SelectorConfig(selector="magic")
     with pytest.raises(ValueError, match="ratio"):
         SelectorConfig(selector="soft_or", ratio=0.0)
