@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import math
 import os
@@ -84,7 +83,7 @@ import torch
 from opsd.evaluate import eos_token_ids, tokenize_prompts  # prompts are tokenized exactly as in training
 from opsd.core.losses import divergence_reference
 
-from tip_ext.selectors import RULES, select
+from tip_ext.selectors import RULES, rule_options, select
 from tip_ext.stats import STAT_NAMES, token_stats
 
 DEFAULT_SELECTORS = (
@@ -425,7 +424,7 @@ def resolve_selector(name: str, equal_budget: bool = True) -> tuple[str, dict, d
                          f"tip_ext rules: {sorted(RULES)}")
     opts = dict(opts)
     if equal_budget:
-        accepted = inspect.signature(RULES[rule].fn).parameters
+        accepted = rule_options(rule)
         if "per_sequence" in accepted:
             opts["per_sequence"] = False
         if "ensure_each_sequence" in accepted:

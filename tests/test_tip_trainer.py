@@ -201,3 +201,23 @@ def test_two_process_cpu_run_completes(tmp_path):
         assert part["sequence"].nunique() == 4 and part.groupby("sequence")["kept"].any().all()
         n = len(part)
         assert part["kept"].sum() >= -(-n // 5)
+
+
+def test_every_rule_option_is_a_typed_flag_in_help():
+    from opsd.train import build_parser
+    from tip_ext.selectors import RULES as REGISTERED, rule_options
+    from tip_ext.trainer import RULE_OPTION_FIELDS
+
+    declared = {name for rule in REGISTERED for name in rule_options(rule)}
+    assert declared <= set(RULE_OPTION_FIELDS), declared - set(RULE_OPTION_FIELDS)
+    text = build_parser((SelectorConfig,)).format_help()
+    for name in RULE_OPTION_FIELDS:
+        assert f"--{name}" in text, name
+    config = SelectorConfig(selector="teachability", q_low=0.1, incompatible=True)
+    assert config.selector_options == {"q_low": 0.1, "incompatible": True}
+    with pytest.raises(ValueError, match="has no option"):
+        SelectorConfig(selector="soft_or", q_low=0.1)
+    with pytest.raises(ValueError, match="--selector is none"):
+        SelectorConfig(selector="none", alpha=2.0)
+    with pytest.raises(ValueError, match="both as flags"):
+        SelectorConfig(selector="entropy_sample", alpha=2.0, selector_options='{"alpha": 1.0}')

@@ -125,10 +125,22 @@ def needed_stats(rule: str, **options) -> tuple[str, ...]:
     return tuple(dict.fromkeys(spec.needs + tuple(extra)))
 
 
-def _options_of(fn) -> dict[str, inspect.Parameter]:
+def rule_options(rule: str) -> dict[str, inspect.Parameter]:
+    """The options `rule` declares (its keyword-only parameters), with their defaults."""
     return {
-        name: p for name, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        name: p for name, p in inspect.signature(_spec(rule).fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
+
+
+def check_options(rule: str, options: dict) -> dict:
+    """`options` if every name is one `rule` declares, else a ValueError naming the offending options; the one
+    place rule options are validated (select, SelectorConfig and the diagnostic call it)."""
+    allowed = rule_options(rule)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"rule {rule!r} has no option(s) {unknown}; its options: {sorted(allowed)}")
+    return dict(options)
 
 
 def select(
@@ -147,10 +159,7 @@ def select(
     ratio = float(ratio)
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    allowed = _options_of(spec.fn)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"rule {rule!r} has no option(s) {unknown}; its options: {sorted(allowed)}")
+    check_options(rule, options)
     needs = needed_stats(rule, **options)
     missing = [name for name in needs if name not in stats]
     if missing:

@@ -16,7 +16,7 @@ import torch
 from opsd.core.selection import SCOPES, TokenChoice, TokenSelector, TokenView
 
 from .census import quadrant_census, summarize_kept
-from .selectors import RULES, needed_stats, select
+from .selectors import RULES, check_options, needed_stats, select
 from .stats import token_stats_from_hidden
 
 CENSUS_STATS = ("entropy_norm", "reverse_kl")
@@ -40,8 +40,8 @@ class SelectorConfig:
     support_top_k: int = field(default=16, metadata={"help": "K of the top-K support statistics (TA-OPD); not the "
                                                            "sampling top_k."})
     selector_options: dict | str | None = field(
-        default=None, metadata={"help": "Rule options as JSON, e.g. '{\"alpha\": 1, \"importance_weights\": true}' "
-                                "(see tip_ext/selectors.py for each rule's options)."})
+        default=None, metadata={"help": "Rule options as JSON, e.g. '{\"alpha\": 1}': the same options as the "
+                                "typed flags below (--alpha, --q_low, ...), for rules registered outside tip_ext."})
     selector_weighting: str = field(
         default="hard", metadata={"help": "hard = keep mask; soft = keep all tokens weighted by the rule's score "
                                   "(an extension none of the papers offers)."})
@@ -51,6 +51,44 @@ class SelectorConfig:
     token_dump_dir: str | None = field(
         default=None, metadata={"help": "Write every step's per-token statistics, score and keep flag as parquet "
                                 "here (for `python -m tip_ext.plot`)."})
+    # Rule options (docs/METHODS.md, tip_ext/selectors.py's table). None = the rule's own default; setting an option
+    # the chosen rule does not take is an error.
+    alpha: float | None = field(default=None, metadata={"help": "entropy_sample: exponent of the entropy weight "
+                                                       "(default 1)."})
+    gamma: float | None = field(default=None, metadata={"help": "entropy_sample: exponent of the min-max reverse-KL "
+                                                       "weight (default 0 = entropy only)."})
+    importance_weights: bool | None = field(
+        default=None, metadata={"help": "entropy_sample: Horvitz-Thompson weights k/(N pi) on a design with exact "
+                                "inclusion probabilities, so the kept-token mean is unbiased (default false)."})
+    uniform_mix: float | None = field(
+        default=None, metadata={"help": "entropy_sample with importance_weights: uniform share of the sampling design "
+                                "(every token drawable, weights <= 1/uniform_mix; default 0.1)."})
+    min_keep: int | None = field(
+        default=None, metadata={"help": "floor-budget rules (random, position_*, entropy_*, divergence_topk, soft_or, "
+                                "q3): tokens kept per scope unit when floor(rho*n) rounds below it (default 1)."})
+    per_sequence: bool | None = field(
+        default=None, metadata={"help": "entropy_topk, divergence_topk, q3 (default false), soft_or (default true): "
+                                "rank within each sequence instead of over the batch."})
+    entropy_clip_quantile: float | None = field(
+        default=None, metadata={"help": "soft_or, q3: entropy clipped at this batch quantile before min-max "
+                                "(default 0.98)."})
+    bottom: bool | None = field(default=None, metadata={"help": "soft_or: keep the LOWEST scores instead (the TIP "
+                                                         "paper's sanity check; default false)."})
+    q_low: float | None = field(default=None, metadata={"help": "teachability rules: lower quantile of TA-OPD's "
+                                                         "Norm (default 0.05)."})
+    q_high: float | None = field(default=None, metadata={"help": "teachability rules: upper quantile of TA-OPD's "
+                                                          "Norm (default 0.95)."})
+    eps: float | None = field(default=None, metadata={"help": "teachability rules: eps of TA-OPD's Norm "
+                                                       "(default 1e-8)."})
+    incompatible: bool | None = field(
+        default=None, metadata={"help": "teachability: rank by the incompatible part Norm(D)*(1-Norm(C)) instead "
+                                "(a diagnostic baseline; default false)."})
+    ensure_each_sequence: bool | None = field(
+        default=None, metadata={"help": "teachability rules: every sequence keeps at least its best token "
+                                "(default true)."})
+    normalization: str | None = field(
+        default=None, metadata={"help": "teachability rules: how each axis is mapped to [0, 1] over the batch: "
+                                "quantile (TA-OPD's q_low/q_high clip, default), minmax, or rank."})
 
     def __post_init__(self):
         if isinstance(self.selector_options, str):
@@ -66,20 +104,28 @@ class SelectorConfig:
             raise ValueError(f"--support_top_k must be >= 1 (the K of the top-K support sets), got {self.support_top_k}.")
         if not 0.0 < self.census_quantile < 1.0:
             raise ValueError(f"--census_quantile must be in (0, 1), got {self.census_quantile}.")
+        flags = {name: getattr(self, name) for name in RULE_OPTION_FIELDS if getattr(self, name) is not None}
+        clash = sorted(k for k in flags if k in (self.selector_options or {}) and self.selector_options[k] != flags[k])
+        if clash:
+            raise ValueError(f"Rule option(s) {clash} set both as flags and in --selector_options, differently.")
+        options = {**(self.selector_options or {}), **flags}
         if self.selector in (None, "none", "None", ""):
-            if self.selector_options:
-                raise ValueError("--selector_options were given but --selector is none: name the rule they belong to.")
+            if options:
+                raise ValueError(f"Rule option(s) {sorted(options)} were given but --selector is none: name the rule "
+                                 "they belong to.")
             self.selector = None
             return
         if self.selector not in RULES:
             raise ValueError(f"Unknown --selector {self.selector!r}; choose one of {sorted(RULES)} or none.")
-        import inspect
+        try:
+            self.selector_options = check_options(self.selector, options) or None
+        except ValueError as err:
+            raise ValueError(f"--selector {self.selector}: {err}") from None
 
-        allowed = {name for name, p in inspect.signature(RULES[self.selector].fn).parameters.items()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        unknown = sorted(set(self.selector_options or {}) - allowed)
-        if unknown:
-            raise ValueError(f"Selector {self.selector!r} has no option(s) {unknown}; its options: {sorted(allowed)}.")
+
+RULE_OPTION_FIELDS = ("alpha", "gamma", "importance_weights", "uniform_mix", "min_keep", "per_sequence",
+                      "entropy_clip_quantile", "bottom", "q_low", "q_high", "eps", "incompatible",
+                      "ensure_each_sequence", "normalization")
 
 
 class TipSelector(TokenSelector):
