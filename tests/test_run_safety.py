@@ -164,7 +164,7 @@ def test_chat_prompts_without_a_chat_template_fail_at_start(pair, tmp_path):
     (dict(selector="teachability", support_top_k=0), "support_top_k"),
     (dict(selector="none", ratio=1.5), "ratio"),
     (dict(selector=None, scope="global"), "scope"),
-    (dict(selector="none", selector_options='{"alpha": 2}'), "selector_options"),
+    (dict(selector="none", selector_options='{"alpha": 2}'), "alpha"),
     (dict(selector="soft_or", census_quantile=1.0), "census_quantile"),
 ])
 def test_selector_settings_fail_at_start_naming_the_flag(settings, flag):

@@ -94,13 +94,18 @@ def _distributed_worker(rank, world, port, out_dir):
 
     from opsd.core.trainer import OPDTrainer
 
+    from collections import defaultdict
+    from types import SimpleNamespace
+
     class Stub:  # the trainer's gather/selection machinery without models
         _gather_rows = OPDTrainer._gather_rows
         _all_reduce_sum = OPDTrainer._all_reduce_sum
-        _choose_group = OPDTrainer._choose_group
+        _choose_in_groups = OPDTrainer._choose_in_groups
 
         def __init__(self):
             self.accelerator = Accelerator(cpu=True)
+            self.args, self.state = SimpleNamespace(seed=0), SimpleNamespace(global_step=0)
+            self._metrics = {"train": defaultdict(list)}
 
     stub = Stub()
     stats, seq = _global_stats()
@@ -108,8 +113,7 @@ def _distributed_worker(rank, world, port, out_dir):
     local_seq = seq[mine]
     view = TokenView(token_ids=local_seq, sequence_ids=local_seq, positions=torch.zeros_like(local_seq))
     selector = tip("teachability", 0.3)
-    choice, _ = stub._choose_group(selector, [view], [{k: v[mine] for k, v in stats.items()}],
-                                   torch.Generator().manual_seed(0))
+    (choice,) = stub._choose_in_groups(selector, [view], [{k: v[mine] for k, v in stats.items()}])
     keep = torch.zeros(seq.numel(), dtype=torch.bool)
     keep[mine] = choice.keep
     factors = loss_weights([keep[mine][None]], [None], [torch.ones_like(keep[mine])[None]], "kept_tokens", world,

@@ -346,18 +346,7 @@ class OPDTrainer(DistillationTrainer):
             views.append(view)
             stats.append(selector.statistics(view))
 
-        groups = {"rollout_batch": [list(range(len(views)))], "micro_batch": [[i] for i in range(len(views))],
-                  "sequence": [[i] for i in range(len(views))]}[selector.scope]
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
-        choices: list[TokenChoice | None] = [None] * len(views)
-        for group in groups:
-            choice, sizes = self._choose_group(selector, [views[i] for i in group], [stats[i] for i in group],
-                                               generator)
-            for i, part in zip(group, _split_choice(choice, sizes)):
-                choices[i] = part
-            for name, value in choice.metrics.items():
-                self._metrics["train"][name].append(value)
-
+        choices = self._choose_in_groups(selector, views, stats)
         keeps, weights = [], []
         for mask, flat, view, st, choice in zip(masks, flats, views, stats, choices):
             keep = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
@@ -373,27 +362,38 @@ class OPDTrainer(DistillationTrainer):
             view.student_hidden = view.teacher_hidden = None
         return keeps, weights
 
-    def _choose_group(self, selector, views, stats, generator):
-        """Run the selector's rule on one group, gathered from every process when asked; return this process's
-        part and the sizes of the group's micro-batches."""
-        sizes = [v.sequence_ids.numel() for v in views]
-        names = sorted(stats[0]) if stats else []
-        local = {name: torch.cat([s[name].float() for s in stats]) for name in names}
-        seq = torch.cat([v.sequence_ids for v in views])
-        pos = torch.cat([v.positions for v in views])
+    def _choose_in_groups(self, selector, views, stats) -> list[TokenChoice]:
+        """The selector's rule on each group of its scope, one TokenChoice per micro-batch (this process's tokens).
+
+        rollout_batch: one group, every micro-batch of the step; micro_batch: each micro-batch; sequence: each
+        sequence (inside each micro-batch). With `across_processes` each group is first gathered from every process
+        (so a top-rho rule means the same whatever the split), and the rule runs on the gathered tokens.
+        """
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        whole_step = selector.scope == "rollout_batch"
+        groups = [list(range(len(views)))] if whole_step else [[i] for i in range(len(views))]
+        gather = selector.across_processes and self.accelerator.num_processes > 1
         device = self.accelerator.device
-        if selector.across_processes and self.accelerator.num_processes > 1:
-            seq_all, start = self._gather_rows(seq.to(device))
-            pos_all, _ = self._gather_rows(pos.to(device))
-            all_stats = {name: self._gather_rows(local[name].to(device))[0] for name in names}
-            choice = _choose(selector, all_stats, seq_all, pos_all, generator)
-            n = seq.numel()
-            part = slice(start, start + n)
-            choice = TokenChoice(choice.keep[part], None if choice.weights is None else choice.weights[part],
-                                 choice.metrics, None if choice.score is None else choice.score[part])
-        else:
+        choices: list[TokenChoice | None] = [None] * len(views)
+        for group in groups:
+            names = sorted(stats[group[0]])
+            local = {name: torch.cat([stats[i][name].float() for i in group]) for name in names}
+            seq = torch.cat([views[i].sequence_ids for i in group])
+            pos = torch.cat([views[i].positions for i in group])
+            start = 0
+            if gather:
+                (seq, start), (pos, _) = self._gather_rows(seq.to(device)), self._gather_rows(pos.to(device))
+                local = {name: self._gather_rows(value.to(device))[0] for name, value in local.items()}
             choice = _choose(selector, local, seq, pos, generator)
-        return choice, sizes
+            for name, value in choice.metrics.items():
+                self._metrics["train"][name].append(value)
+            for i in group:  # this process's micro-batches, in order, from the group's rows
+                n = views[i].sequence_ids.numel()
+                part = slice(start, start + n)
+                choices[i] = TokenChoice(choice.keep[part], None if choice.weights is None else choice.weights[part],
+                                         score=None if choice.score is None else choice.score[part])
+                start += n
+        return choices
 
     # ----- loss ------------------------------------------------------------------------------------------------
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch=None):
@@ -507,11 +507,3 @@ def _choose(selector, stats, sequence_ids, positions, generator) -> TokenChoice:
         for name, value in part.metrics.items():  # per-sequence metrics: averaged over the sequences
             metrics[name] = metrics.get(name, 0.0) + value / len(sequences)
     return TokenChoice(keep, weights, metrics, score)
-
-
-def _split_choice(choice: TokenChoice, sizes: list[int]) -> list[TokenChoice]:
-    keeps = torch.split(choice.keep, sizes)
-    weights = [None] * len(sizes) if choice.weights is None else torch.split(choice.weights, sizes)
-    scores = [None] * len(sizes) if choice.score is None else torch.split(choice.score, sizes)
-    return [TokenChoice(k, w, score=s) for k, w, s in zip(keeps, weights, scores)]
-
