@@ -8,12 +8,11 @@ One optimizer step, top to bottom (see ../shared/DESIGN.md and patches/README.md
    teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
    per-token loss factors are built for the configured normalization. Without a selector: keep every valid token.
 3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, only kept
-   rows go through the lm_heads and the divergence (`opsd.core.losses.per_token_divergence`), loss = sum f_t * l_t.
+   rows go through the lm_heads and the divergence (`opsd.core.losses.weighted_divergence_loss`), loss = sum f_t * l_t.
 """
 
 from __future__ import annotations
 
-import resource
 import warnings
 
 import torch
@@ -28,7 +27,8 @@ from trl.trainer.utils import (
 
 from .config import OPDConfig
 from .heads import LMHead, head_of
-from .losses import per_token_divergence
+from .losses import weighted_divergence_loss
+from .memory import peak_memory_gb
 from .models import load_causal_lm, resolve_distill_vocab
 from .selection import SCOPES, TokenChoice, TokenSelector, TokenView, loss_weights, valid_token_index
 
@@ -48,13 +48,6 @@ def quantization_config_for(kind: str, dtype):
     compute = resolve_dtype(dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=compute if isinstance(compute, torch.dtype) else torch.bfloat16)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA max allocated on GPU, else the process peak RSS (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class OPDTrainer(DistillationTrainer):
@@ -338,9 +331,9 @@ class OPDTrainer(DistillationTrainer):
         s_head, t_head = self._heads(unwrapped_student, unwrapped_teacher)
         h_s = hidden.reshape(-1, hidden.shape[-1])[rows].to(s_head.weight.device)
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(t_head.weight.device)
-        divergence, entropy = per_token_divergence(h_s, s_head, h_t, t_head, self.beta, self.temperature,
-                                                   self.args.divergence_backend, self.args.chunk_size)
-        loss = (divergence * factors[rows].to(divergence.device)).sum()
+        loss, divergence, entropy = weighted_divergence_loss(h_s, s_head, h_t, t_head, factors[rows].to(h_s.device),
+                                                             self.beta, self.temperature, self.args.divergence_backend,
+                                                             self.args.chunk_size)
         if not torch.isfinite(loss):
             if not self.args.skip_nonfinite_loss:
                 raise FloatingPointError(f"Non-finite OPD loss {loss.item()} at step {self.state.global_step}.")
