@@ -206,3 +206,27 @@ def test_auto_picks_fused_on_cpu_and_trl_on_cuda():
     assert resolve_backend("auto", torch.device("cpu")) == "fused"
     assert resolve_backend("auto", torch.device("cuda")) == "trl"
     assert resolve_backend("chunked", torch.device("cpu")) == "chunked"
+
+
+def test_fused_memory_is_bounded_by_chunk_tiles_and_gradient_buffers():
+    """No [N, V] tensor: the peak of live tensor bytes is a few chunk tiles plus the [N, H] and [V, H] buffers, the
+    same at N = 256 and N = 1024."""
+    from opsd.core.memory import LiveTensorBytes
+
+    vocab, hidden, chunk = 2048, 32, 64
+    peaks = []
+    for n in (256, 1024):
+        g = torch.Generator().manual_seed(n)
+        h_s = torch.randn(n, hidden, generator=g, requires_grad=True)
+        w_s = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+        h_t, w_t = torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
+        tracker = LiveTensorBytes()
+        with tracker:
+            loss, _, _ = weighted_divergence_loss(h_s, LMHead(w_s), h_t, LMHead(w_t), torch.full((n,), 1.0 / n), 1.0,
+                                                  1.0, "fused", chunk)
+            loss.backward()
+        grads = 2 * (n * hidden + vocab * hidden) * 4  # buffers, then .grad of the same shapes
+        peaks.append(tracker.peak - grads)
+    tile = chunk * vocab * 4
+    assert all(2 * tile <= p <= 6 * tile for p in peaks), (peaks, tile)
+    assert peaks[1] - peaks[0] < 0.25 * tile  # nothing that grows with N beyond the [N, H] buffers
