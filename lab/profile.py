@@ -165,7 +165,7 @@ def _child(args) -> dict:
     cuda = args.device == "cuda"
     device = torch.device(args.device)
     student_dtype = torch.float32  # master weights; bf16 autocast on CUDA
-    teacher_dtype = getattr(torch, args.teacher_dtype or ("bfloat16" if cuda else "float32"))
+    teacher_dtype = getattr(torch, args.teacher_dtype)
     t0 = time.perf_counter()
     student = build_model(args.student, args.tiny, student_dtype, seed=0)
     teacher = build_model(args.teacher, args.tiny, teacher_dtype, seed=1)
@@ -254,7 +254,8 @@ def main(argv=None):
     parser.add_argument("--completion_length", type=int, default=1024 if cuda else 32)
     parser.add_argument("--chunk_size", type=int, default=512)
     parser.add_argument("--divergence_backend", default="auto", choices=("auto", "trl", "chunked", "fused"))
-    parser.add_argument("--teacher_dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--teacher_dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the frozen teacher's weights (the student trains float32 master weights)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--threads", type=int, default=0 if cuda else 1, help="CPU threads (0: torch's default)")

@@ -150,9 +150,10 @@ def check_targets(results: list[dict]) -> list[dict]:
         for r in rows:
             if r.get(f"time_{key}") is None:
                 continue
-            met = r[f"time_{key}"] <= max_time and (max_mem is None or (r.get(f"mem_{key}") or 0) <= max_mem)
+            mem = r.get(f"mem_{key}")  # None: the reference's peak did not register (tiny shapes)
+            met = r[f"time_{key}"] <= max_time and (max_mem is None or (mem is not None and mem <= max_mem))
             target = f"time <= {max_time}x {ref}" + (f", memory <= {max_mem}x" if max_mem else "")
-            measured = f"time {r[f'time_{key}']:.2f}x" + (f", memory {r[f'mem_{key}']:.2f}x" if max_mem else "")
+            measured = f"time {r[f'time_{key}']:.2f}x" + (f", memory {_fmt(mem) or 'n/a'}x" if max_mem else "")
             out.append({"variant": r["variant"], "n": n, "target": target, "measured": measured, "met": met})
     return out
 
