@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections import defaultdict
 
@@ -232,7 +233,7 @@ def plot(results, path: str, title: str) -> None:
         ax.bar([r["config"] for r in ok], values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("seconds per step")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -273,6 +274,7 @@ def main(argv=None):
             parser.error(f"--configs: {c!r} must be none or <rule>@<ratio>, e.g. teachability@0.1")
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results = []
     passthrough = []  # the child gets every setting but the list of configs
     for key, value in vars(args).items():
@@ -293,12 +295,13 @@ def main(argv=None):
             results.append({"config": config, "error": error})
         else:
             results.append(json.loads(line[len("RESULT "):]))
+        with open(args.out, "w") as f:  # after every config: a run stopped by a timeout keeps what it measured
+            json.dump({"meta": {"partial": True}, "results": results}, f, indent=2)
     meta = {k: getattr(args, k) for k in ("student", "teacher", "tiny", "batch", "prompt_length",
                                            "completion_length", "steps", "device", "divergence_backend")}
     meta.update(threads=args.threads or torch.get_num_threads(), torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average=os.getloadavg(),
                 device_name=torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     table = format_table(meta, results)

@@ -214,8 +214,10 @@ def main(argv=None):
         if error:
             print(error, file=sys.stderr)
             results.append({"variant": variant, "n": n, "error": error})
+            _save(args.out, {"meta": {"partial": True}, "results": results})
             continue
         results.append(json.loads(line[len("RESULT "):]))
+        _save(args.out, {"meta": {"partial": True}, "results": results})  # a run stopped by a timeout keeps these
     _ratios(results)
     targets = check_targets(results)
     meta = {"n": args.n, "h": args.h, "v": args.v, "dtype": args.dtype, "device": args.device,
@@ -223,11 +225,16 @@ def main(argv=None):
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": args.repeats,
             "load_average": os.getloadavg(), "chunk_size": args.chunk_size}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results, "targets": targets}, f, indent=2)
+    _save(args.out, {"meta": meta, "results": results, "targets": targets})
     print(format_table(meta, results, targets))
     print(f"\nwrote {args.out}")
     return results
+
+
+def _save(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
 
 
 def _cpu_name() -> str:
