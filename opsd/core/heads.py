@@ -52,7 +52,8 @@ class LMHead:
         th = torch.tanh(y / self.softcap)
         return self.softcap * th / temperature, (1 - th * th) * (self.scale / temperature)
 
-    def logits(self, hidden: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, temperature: float = 1.0,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Logits [n, V] of `hidden` [n, H] (float32 by default), after bias, scale, softcapping and temperature."""
         return self.transform(self.raw_logits(hidden, dtype), temperature)[0]
 
