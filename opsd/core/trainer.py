@@ -8,7 +8,7 @@ One optimizer step, top to bottom (see ../shared/DESIGN.md and patches/README.md
    teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
    per-token loss factors are built for the configured normalization. Without a selector: keep every valid token.
 3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, only kept
-   rows go through the lm_heads and the divergence (`opsd.core.losses.weighted_divergence_loss`), loss = sum f_t * l_t.
+   rows go through the lm_heads and the divergence (`opsd.core.losses.per_token_divergence`), loss = sum f_t * l_t.
 """
 
 from __future__ import annotations
