@@ -15,8 +15,9 @@ fresh subprocess so that its peak memory is its own:
 
 Full-token variants run at every `--n` (memory growth), selective ones at the largest. Each variant runs one warm-up
 and `--repeats` timed steps (median and min..max reported) with `--threads` intra-op threads (default 1, so ratios
-stay meaningful on a shared machine). Peak memory: CUDA max allocated above the inputs on GPU, process peak RSS
-growth above the inputs on CPU (opsd.core.memory). Prints a table with ratios to `upstream_full` and `trl_full` at
+stay meaningful on a shared machine); on CPU the time is the variant process's CPU time (`--clock`), which a shared
+machine's load does not stretch the way it stretches elapsed time. Peak memory: CUDA max allocated above the inputs
+on GPU, process peak RSS growth above the inputs on CPU (opsd.core.memory). Prints a table with ratios to `upstream_full` and `trl_full` at
 the same N, checks the targets of issue 12, and writes JSON (`--out`).
 """
 
@@ -102,20 +103,22 @@ def _child(args) -> dict:
     device = torch.device(args.device)
     inputs = _inputs(args.child_n, args.h, args.v, getattr(torch, args.dtype), device, args.child == "fused_frozen")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    walls, cpus = [], []
     with PeakMemory(device) as peak:
         for i in range(args.repeats + 1):  # the first run is a warm-up
             for t in inputs[:2]:
                 t.grad = None
             sync()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             loss, rows = loss_step(args.child, args.chunk_size, *inputs, top_k=args.top_k)
             sync()
             if i:
-                times.append(time.perf_counter() - start)
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.process_time() - cpu)
+    times = cpus if args.clock == "cpu" else walls
     return {"variant": args.child, "n": args.child_n, "rows": rows, "time_s": statistics.median(times),
-            "time_min_s": min(times), "time_max_s": max(times), "times_s": times, "peak_extra_gb": peak.extra_gb,
-            "loss": loss}
+            "time_min_s": min(times), "time_max_s": max(times), "clock": args.clock, "wall_s": walls, "cpu_s": cpus,
+            "peak_extra_gb": peak.extra_gb, "loss": loss}
 
 
 def variants(args) -> list[tuple[str, int]]:
@@ -174,12 +177,17 @@ def main(argv=None):
     parser.add_argument("--top_k", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median, min..max)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per variant (0: torch's default)")
+    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                        help="what is timed: cpu = the variant process's CPU time (with 1 thread, stable on a shared "
+                        "machine), wall = elapsed time; auto = cpu on CPU, wall on CUDA")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant before it is recorded as "
                         "an error")
     parser.add_argument("--out", default="bench_results.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child_n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.clock == "auto":
+        args.clock = "wall" if args.device.startswith("cuda") else "cpu"
     if args.child:
         print("RESULT " + json.dumps(_child(args)))
         return None
@@ -203,7 +211,7 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "tip_ext.bench", "--child", variant, "--child_n", str(n), "--h", str(args.h),
                "--v", str(args.v), "--dtype", args.dtype, "--device", args.device, "--chunk_size",
                str(args.chunk_size), "--top_k", str(args.top_k), "--repeats", str(args.repeats), "--threads",
-               str(args.threads)]
+               str(args.threads), "--clock", args.clock]
         print(f"[{i}/{len(todo)}] {variant} N={n} ...", file=sys.stderr, flush=True)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
@@ -224,7 +232,7 @@ def main(argv=None):
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name(),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": args.repeats,
-            "load_average": os.getloadavg(), "chunk_size": args.chunk_size}
+            "load_average": os.getloadavg(), "chunk_size": args.chunk_size, "clock": args.clock}
     _save(args.out, {"meta": meta, "results": results, "targets": targets})
     print(format_table(meta, results, targets))
     print(f"\nwrote {args.out}")
@@ -251,7 +259,8 @@ def _fmt(x, spec=".2f") -> str:
 
 def format_table(meta, results, targets=()) -> str:
     lines = [f"H={meta['h']} V={meta['v']} {meta['dtype']} on {meta['device']} ({meta['device_name']}), "
-             f"{meta['threads']} thread(s), median of {meta['repeats']} after a warm-up (min..max)",
+             f"{meta['threads']} thread(s), {meta['clock']} time, median of {meta['repeats']} after a warm-up "
+             f"(min..max)",
              "| variant | N | rows | time (s) | min..max | / upstream | / TRL | peak extra (GB) | mem / upstream |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
