@@ -6,7 +6,8 @@
 
 Models are random-initialised from the architecture table of opsd.plan (no weights are read or downloaded). Each
 variant runs `--steps` training steps on random token ids: teacher forward (no grad), student forward with grad,
-per-token divergence on the completion rows (`opsd.core.losses.per_token_divergence`), backward, AdamW step. Selective
+the trainer's loss step on the completion rows (`opsd.core.losses.weighted_divergence_loss`, `--divergence_backend`,
+auto = TRL's kernel on CUDA, fused on CPU), backward, AdamW step. Selective
 steps first run a no-grad statistics pass over all completion rows (divergence and entropy, chunked) and keep the top
 `--keep` fraction by divergence for the gradient pass, as opsd's trainer does with a selector. Variants: full
 fine-tuning (float32 master weights under bf16 autocast) and LoRA (bf16 base, float32 adapters), teacher in bf16 and
@@ -31,47 +32,16 @@ import os
 import statistics
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from .core.losses import resolve_backend
+from .core.memory import LiveTensorBytes
 from .plan import GiB, Architecture, PlanInputs, architecture, estimate
 
 TINY_FAMILY = {"qwen3": dict(num_layers=4, hidden_size=128, intermediate_size=384, num_heads=4, num_kv_heads=2,
                              head_dim=32, vocab_size=512)}
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Exact peak of the bytes of tensor storages created while active (CPU-friendly stand-in for CUDA's
-    max_memory_allocated): every op output's storage is counted once and uncounted when it is freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # outputs that share an input's storage (views, in-place ops) allocate nothing
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live and key not in inputs:
-                    self.live[key] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._free, key)
-        return out
 
 
 def tiny_architecture(arch: Architecture) -> Architecture:
@@ -142,7 +112,10 @@ def plan_for(variant: Variant, student: Architecture, teacher: Architecture, arg
                       teacher_placement="4bit" if variant.teacher_4bit else "gpu",
                       gradient_checkpointing=args.gradient_checkpointing, dtype="fp32" if cpu else "bf16",
                       master_weights="fp32", selector_ratio=variant.keep, chunk_size=args.chunk_size,
-                      divergence_backend="chunked" if cpu else "trl", overhead_gb=0.0, fragmentation=0.0)
+                      # the planner models trl and chunked buffers; fused holds the same [V, H] + [N, H] gradient
+                      # buffers and chunk tiles as chunked
+                      divergence_backend="trl" if resolve_backend(args.divergence_backend, torch.device(
+                          "cpu" if cpu else "cuda")) == "trl" else "chunked", overhead_gb=0.0, fragmentation=0.0)
 
 
 def planned_peak(plan: PlanInputs, exclude_resident: bool) -> int:
@@ -164,7 +137,7 @@ def planned_peak(plan: PlanInputs, exclude_resident: bool) -> int:
 def run_variant(variant: Variant, student_arch: Architecture, teacher_arch: Architecture, args,
                 device: torch.device) -> dict:
     from opsd.core.heads import head_of
-    from opsd.core.losses import per_token_divergence
+    from opsd.core.losses import per_token_divergence, weighted_divergence_loss
 
     cpu = device.type == "cpu"
     dtype = torch.float32 if cpu else torch.bfloat16
@@ -190,7 +163,7 @@ def run_variant(variant: Variant, student_arch: Architecture, teacher_arch: Arch
     vocab = min(student_arch.vocab_size, teacher_arch.vocab_size)
     seq = args.prompt_length + args.response_length
     beta = 1.0  # reverse KL
-    backend = "chunked" if cpu else "trl"
+    backend = resolve_backend(args.divergence_backend, device)
     generator = torch.Generator().manual_seed(0)
     resident = (torch.cuda.memory_allocated(device) if not cpu else 0)
     result["resident_after_build_gib"] = resident / GiB
@@ -222,8 +195,9 @@ def run_variant(variant: Variant, student_arch: Architecture, teacher_arch: Arch
         h_t = completion(h_t)
         if rows is not None:
             h_s, h_t = h_s[rows], h_t[rows]
-        div, _ = per_token_divergence(h_s, s_head, h_t, t_head, beta, backend=backend, chunk_size=args.chunk_size)
-        loss = div.mean()
+        # the trainer's loss step: sum_t f_t * l_t over the kept rows, here with f_t = 1 / kept
+        factors = torch.full((h_s.shape[0],), 1.0 / h_s.shape[0], device=h_s.device)
+        loss, _, _ = weighted_divergence_loss(h_s, s_head, h_t, t_head, factors, beta, 1.0, backend, args.chunk_size)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,12 +228,8 @@ def run_variant(variant: Variant, student_arch: Architecture, teacher_arch: Arch
                   planned_peak_gib=planned / GiB, planned_over_measured=planned / max(measured, 1),
                   measured_what="live tensor bytes created during the steps" if cpu
                   else "torch.cuda.max_memory_allocated during a step",
-                  last_loss=loss, plan=plan.to_dict())
-    del student, teacher, optimizer, params
-    gc.collect()
-    if not cpu:
-        torch.cuda.empty_cache()
-    return result
+                  last_loss=loss, divergence_backend=backend, plan=plan.to_dict())
+    return result  # the models and optimizer go with this frame; main() collects and empties the cache
 
 
 def variants(args, have_bnb: bool) -> list[Variant]:
@@ -283,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.1, help="kept fraction of the selective variants")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--chunk_size", type=int, default=512)
+    p.add_argument("--divergence_backend", default="auto", choices=("auto", "trl", "chunked", "fused"),
+                   help="gradient pass of the loss step (auto: trl on CUDA, fused on CPU, as in the trainer)")
     p.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--no_4bit", action="store_true", help="skip the 4-bit teacher variants")
     p.add_argument("--only", default=None, help="run only variants whose name contains this string")

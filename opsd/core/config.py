@@ -12,7 +12,7 @@ from trl import DistillationConfig
 
 LOSS_TYPES = ("reverse_kl", "forward_kl", "jsd")
 LOSS_NORMALIZATIONS = ("kept_tokens", "all_tokens", "sequence")
-DIVERGENCE_BACKENDS = ("auto", "trl", "chunked")
+DIVERGENCE_BACKENDS = ("auto", "trl", "chunked", "fused")
 
 
 @dataclass
@@ -52,13 +52,16 @@ class OPDConfig(DistillationConfig):
     )
     divergence_backend: str = field(
         default="auto",
-        metadata={"help": "Gradient pass over the kept rows: trl = TRL's ChunkedDivergenceFunction (Triton on "
-                  "CUDA), chunked = this project's token-chunked recomputing function (faster and leaner on CPU, "
-                  "see BENCHMARKS.md), auto = trl on CUDA, chunked elsewhere."},
+        metadata={"help": "Gradient pass over the kept rows: fused = sum f_t * l_t with its gradient computed in "
+                  "the forward pass (4 lm_head matmuls per row, no [N, V] state; fastest and leanest on CPU, see "
+                  "BENCHMARKS.md), chunked = token-chunked function recomputing the logits in backward, trl = TRL's "
+                  "ChunkedDivergenceFunction (Triton on CUDA), auto = trl on CUDA (fused not yet measured on a GPU), "
+                  "fused elsewhere."},
     )
     chunk_size: int = field(
         default=512,
-        metadata={"help": "Rows per chunk of the chunked divergence and of the statistics pass (OPD_CHUNK_SIZE)."},
+        metadata={"help": "Rows per chunk of the fused and chunked divergences and of the statistics pass "
+                  "(OPD_CHUNK_SIZE)."},
     )
     distill_vocab_size: int | None = field(
         default=None,

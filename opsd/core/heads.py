@@ -35,20 +35,27 @@ class LMHead:
             return self.bias
         return self.bias[: self.vocab_size]
 
-    def logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """float32 logits [n, V] of `hidden` [n, H], after bias, scale, softcapping and temperature."""
+    def raw_logits(self, hidden: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`hidden` [n, H] @ weight.T + bias over the sliced vocabulary, as `dtype` [n, V] (the matmul itself runs in
+        the weight's dtype, as the model's own lm_head would)."""
         weight = self.sliced_weight
-        z = hidden.to(weight.dtype) @ weight.t()
-        z = z.float()
-        if self.sliced_bias is not None:
-            z = z + self.sliced_bias.float()
-        if self.scale != 1.0:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        if temperature != 1.0:
-            z = z / temperature
-        return z
+        z = (hidden.to(weight.dtype) @ weight.t()).to(dtype)
+        bias = self.sliced_bias
+        return z if bias is None else z + bias.to(dtype)
+
+    def transform(self, raw: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Raw projection -> the logits fed to the softmax (scale, softcapping, temperature), and d logits / d raw:
+        a tensor under softcapping, else the constant scale / temperature."""
+        y = raw * self.scale if self.scale != 1.0 else raw
+        if self.softcap is None:
+            return (y / temperature if temperature != 1.0 else y), self.scale / temperature
+        th = torch.tanh(y / self.softcap)
+        return self.softcap * th / temperature, (1 - th * th) * (self.scale / temperature)
+
+    def logits(self, hidden: torch.Tensor, temperature: float = 1.0,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Logits [n, V] of `hidden` [n, H] (float32 by default), after bias, scale, softcapping and temperature."""
+        return self.transform(self.raw_logits(hidden, dtype), temperature)[0]
 
 
 def logit_scale_of(config) -> float:

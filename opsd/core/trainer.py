@@ -9,7 +9,7 @@ One optimizer step, top to bottom (README "Layout", patches/README.md, docs/METH
    per-token loss factors are built for the configured normalization. Without a selector: keep every valid token.
 3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, the rows
    `_select_tokens` kept (`loss_keep`) go through the lm_heads and the divergence
-   (`opsd.core.losses.per_token_divergence`), loss = sum f_t * l_t. A micro-batch that keeps nothing still puts the
+   (`opsd.core.losses.weighted_divergence_loss`), loss = sum f_t * l_t. A micro-batch that keeps nothing still puts the
    head's parameters into the graph (DDP with gradient checkpointing waits for every parameter).
 4. The optimizer step is skipped on every process when any micro-batch had a non-finite loss (`_skip_this_step`).
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import resource
 import warnings
 
 import torch
@@ -33,7 +32,8 @@ from trl.trainer.utils import (
 
 from .config import OPDConfig
 from .heads import LMHead, head_of
-from .losses import per_token_divergence
+from .losses import weighted_divergence_loss
+from .memory import peak_memory_gb
 from .models import load_causal_lm, resolve_distill_vocab
 from .selection import SCOPES, TokenChoice, TokenSelector, TokenView, loss_weights, valid_token_index
 
@@ -53,13 +53,6 @@ def quantization_config_for(kind: str, dtype):
     compute = resolve_dtype(dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=compute if isinstance(compute, torch.dtype) else torch.bfloat16)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA max allocated on GPU, else the process peak RSS (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _whole(tensor):
@@ -409,9 +402,9 @@ class OPDTrainer(DistillationTrainer):
                           for h in self._heads(unwrapped_student, unwrapped_teacher))
         h_s = hidden.reshape(-1, hidden.shape[-1])[rows].to(s_head.weight.device)
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(t_head.weight.device)
-        divergence, entropy = per_token_divergence(h_s, s_head, h_t, t_head, self.beta, self.temperature,
-                                                   self.args.divergence_backend, self.args.chunk_size)
-        loss = (divergence * factors[rows].to(divergence.device)).sum()
+        loss, divergence, entropy = weighted_divergence_loss(h_s, s_head, h_t, t_head, factors[rows].to(h_s.device),
+                                                             self.beta, self.temperature, self.args.divergence_backend,
+                                                             self.args.chunk_size)
         if not torch.isfinite(loss):
             if not self.args.skip_nonfinite_loss:
                 raise FloatingPointError(f"Non-finite OPD loss {loss.item()} at step {self.state.global_step}.")

@@ -1,0 +1,325 @@
+"""Whole-step profile of OPD at real shapes: `python -m lab.profile [--tiny] [--steps 2] ...`.
+
+How much of a real optimizer step can token selection save? Random-weight models are built from real architectures
+written as configs below (Qwen3-0.6B student, Qwen3-1.7B teacher, vocabulary 151936; no weights are read), and a few
+full OPD steps on short rollouts run through the real `OPDTrainer` for each selector configuration (default: no
+selector, teachability at 10%, soft_or at 50%), each in its own subprocess so its peak memory is its own.
+
+Phases are timed from outside the trainer, by wrapping bound methods of the trainer instance (its behaviour is
+unchanged; nested phases are counted once, in the innermost one):
+
+| phase              | what is timed                                                                         |
+|--------------------|---------------------------------------------------------------------------------------|
+| generation         | `_generate_and_score_completions` (the student samples the rollouts)                  |
+| teacher pass       | `_teacher_hidden` (teacher backbone, no grad)                                         |
+| statistics pass    | `_run_selector` (student no-grad forward, statistics, the rule)                      |
+| student forward    | `_get_last_hidden_state` inside `_compute_loss` (backbone with grad)                  |
+| loss               | the rest of `_compute_loss` (head projections + `weighted_divergence_loss`)           |
+| student backward   | `accelerator.backward`                                                                |
+| optimizer          | `torch.optim.Optimizer.step` (global step hooks)                                      |
+| other              | the rest of the step (callbacks, logging, data, selection bookkeeping)                |
+
+The first step is a warm-up; the table reports the mean over the remaining steps (or the only one). Peak memory:
+opsd.core.memory (CUDA max allocated; CPU process peak RSS, which includes the models). Writes JSON (`--out`) and a
+stacked-bar PNG (`--png`), prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections import defaultdict
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+PHASES = ("generation", "teacher pass", "statistics pass", "student forward", "loss", "student backward",
+          "optimizer", "other")
+CONFIGS = ("none", "teachability@0.1", "soft_or@0.5")
+
+# Published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B): both tie their embeddings.
+ARCHITECTURES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+}
+# --tiny: the same layout, small (every size a multiple of 64, as real models have)
+TINY = {
+    "qwen3-0.6b": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=32, vocab_size=512, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
+}
+
+
+def build_model(name: str, tiny: bool, dtype: torch.dtype, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    shape = (TINY if tiny else ARCHITECTURES)[name]
+    config = Qwen3Config(**shape, max_position_embeddings=4096, rms_norm_eps=1e-6, eos_token_id=1, pad_token_id=0,
+                         bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(dtype)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    return model
+
+
+def build_tokenizer(vocab_size: int):
+    """A character-level tokenizer padded with filler tokens to the model's vocabulary (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<pad>", "<eos>", "<unk>"] + list("0123456789+= ")
+    vocab = {tok: i for i, tok in enumerate(base + [f"<x{i}>" for i in range(vocab_size - len(base))])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left")
+
+
+class PhaseClock:
+    """Exclusive time per phase: a phase's nested phases are subtracted from it."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.stack: list[list] = []  # [phase, start, time spent in children]
+        self.steps: list[dict[str, float]] = []
+        self.current: dict[str, float] = defaultdict(float)
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def enter(self, phase: str) -> None:
+        self._sync()
+        self.stack.append([phase, time.perf_counter(), 0.0])
+
+    def exit(self) -> None:
+        self._sync()
+        phase, start, children = self.stack.pop()
+        spent = time.perf_counter() - start
+        self.current[phase] += spent - children
+        if self.stack:
+            self.stack[-1][2] += spent
+
+    def wrap(self, fn, phase):
+        """`fn` timed as `phase`; a callable phase is chosen from the enclosing phase (None: not timed)."""
+        def timed(*args, **kwargs):
+            name = phase(self.stack[-1][0] if self.stack else None) if callable(phase) else phase
+            if name is None:
+                return fn(*args, **kwargs)
+            self.enter(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit()
+        return timed
+
+
+def instrument(trainer, clock: PhaseClock):
+    """Time the trainer's phases by wrapping its bound methods (see the module table). Returns the hook handles."""
+    from transformers import TrainerCallback
+
+    trainer._generate_and_score_completions = clock.wrap(trainer._generate_and_score_completions, "generation")
+    trainer._teacher_hidden = clock.wrap(trainer._teacher_hidden, "teacher pass")
+    trainer._run_selector = clock.wrap(trainer._run_selector, "statistics pass")
+    trainer._compute_loss = clock.wrap(trainer._compute_loss, "loss")
+    # the student backbone with grad is the one called from _compute_loss; elsewhere it belongs to its caller
+    trainer._get_last_hidden_state = clock.wrap(trainer._get_last_hidden_state,
+                                                lambda parent: "student forward" if parent == "loss" else None)
+    trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "student backward")
+    hooks = [register_optimizer_step_pre_hook(lambda *a: clock.enter("optimizer")),
+             register_optimizer_step_post_hook(lambda *a: clock.exit())]
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.current = defaultdict(float)
+            clock.enter("other")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.exit()
+            step = dict(clock.current)
+            step["total"] = sum(step.values())
+            clock.steps.append(step)
+
+    trainer.add_callback(StepTimer())
+    return hooks
+
+
+def _child(args) -> dict:
+    from datasets import Dataset
+
+    from opsd.core.config import OPDConfig
+    from opsd.core.memory import peak_memory_gb
+    from opsd.core.trainer import OPDTrainer
+    from tip_ext.trainer import SelectorConfig, make_selector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    student_dtype = torch.float32  # master weights; bf16 autocast on CUDA
+    teacher_dtype = getattr(torch, args.teacher_dtype)
+    t0 = time.perf_counter()
+    student = build_model(args.student, args.tiny, student_dtype, seed=0)
+    teacher = build_model(args.teacher, args.tiny, teacher_dtype, seed=1)
+    tokenizer = build_tokenizer(student.config.vocab_size)
+    build_s = time.perf_counter() - t0
+    prompt = ("12+34=" * (args.prompt_length // 6 + 1))[: args.prompt_length]
+    data = Dataset.from_list([{"prompt": prompt}] * (args.batch * (args.steps + 1)))
+    with tempfile.TemporaryDirectory() as out:
+        cfg = OPDConfig(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                        max_steps=args.steps, max_prompt_length=args.prompt_length,
+                        max_completion_length=args.completion_length, learning_rate=1e-6, report_to=[],
+                        save_strategy="no", logging_steps=1, bf16=cuda, use_cpu=not cuda,
+                        gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size,
+                        divergence_backend=args.divergence_backend, disable_tqdm=True)
+        rule, _, ratio = args.child.partition("@")
+        selector = make_selector(SelectorConfig(selector=None if rule == "none" else rule,
+                                                ratio=float(ratio or 1.0), census=False), cfg)
+        trainer = OPDTrainer(student, teacher, args=cfg, train_dataset=data, processing_class=tokenizer,
+                             token_selector=selector)
+        clock = PhaseClock(cuda)
+        hooks = instrument(trainer, clock)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.train()
+        for hook in hooks:
+            hook.remove()
+        kept = [x for x in trainer.state.log_history if "kept_fraction" in x]
+    timed = clock.steps[1:] or clock.steps
+    mean = {p: sum(s.get(p, 0.0) for s in timed) / len(timed) for p in (*PHASES, "total")}
+    return {"config": args.child, "phases_s": mean, "steps": clock.steps, "peak_memory_gb": peak_memory_gb(device),
+            "build_s": build_s, "kept_fraction": kept[-1]["kept_fraction"] if kept else None,
+            "completion_tokens": args.batch * args.completion_length}
+
+
+def format_table(meta, results) -> str:
+    lines = [f"{meta['student']} student, {meta['teacher']} teacher{' (tiny)' if meta['tiny'] else ''}, batch "
+             f"{meta['batch']} x (prompt {meta['prompt_length']} + completion {meta['completion_length']}), "
+             f"{meta['device']} ({meta['device_name']}), {meta['threads']} thread(s); seconds per step",
+             "| config | " + " | ".join(PHASES) + " | total | vs none | peak GB |",
+             "|---" * (len(PHASES) + 5) + "|"]
+    base = next((r["phases_s"]["total"] for r in results if r.get("config") == "none" and "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['config']} | error: {r['error'].strip()[-80:]} |")
+            continue
+        p = r["phases_s"]
+        ratio = f"{p['total'] / base:.2f}" if base else ""
+        lines.append(f"| {r['config']} | " + " | ".join(f"{p[x]:.2f}" for x in PHASES)
+                     + f" | {p['total']:.2f} | {ratio} | {r['peak_memory_gb']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(ok)
+    for phase in PHASES:
+        values = [r["phases_s"][phase] for r in ok]
+        ax.bar([r["config"] for r in ok], values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("seconds per step")
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lab.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--tiny", action="store_true", help="tiny models of the same layout (seconds; the tests)")
+    parser.add_argument("--student", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--teacher", default="qwen3-1.7b", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="none or <rule>@<ratio>")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per config (the first is a warm-up "
+                        "when there are more than one)")
+    parser.add_argument("--batch", type=int, default=8 if cuda else 2, help="rollouts per step")
+    parser.add_argument("--prompt_length", type=int, default=256 if cuda else 16)
+    parser.add_argument("--completion_length", type=int, default=1024 if cuda else 32)
+    parser.add_argument("--chunk_size", type=int, default=512)
+    parser.add_argument("--divergence_backend", default="auto", choices=("auto", "trl", "chunked", "fused"))
+    parser.add_argument("--teacher_dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the frozen teacher's weights (the student trains float32 master weights)")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--threads", type=int, default=0 if cuda else 1, help="CPU threads (0: torch's default)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per config")
+    parser.add_argument("--out", default="profile.json")
+    parser.add_argument("--png", default=None, help="stacked-bar chart (default: --out with .png)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(_child(args)))
+        return None
+    for c in args.configs:
+        rule, _, ratio = c.partition("@")
+        if rule != "none" and not ratio:
+            parser.error(f"--configs: {c!r} must be none or <rule>@<ratio>, e.g. teachability@0.1")
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    results = []
+    passthrough = []  # the child gets every setting but the list of configs
+    for key, value in vars(args).items():
+        if key in ("configs", "child", "out", "png", "timeout") or value is None or value is False:
+            continue
+        passthrough += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    for i, config in enumerate(args.configs, 1):
+        print(f"[{i}/{len(args.configs)}] {config} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "lab.profile", *passthrough, "--child", config]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            error = None if proc.returncode == 0 and line else proc.stderr[-800:]
+        except subprocess.TimeoutExpired:
+            line, error = None, f"timed out after {args.timeout:g} s"
+        if error:
+            print(error, file=sys.stderr)
+            results.append({"config": config, "error": error})
+        else:
+            results.append(json.loads(line[len("RESULT "):]))
+        with open(args.out, "w") as f:  # after every config: a run stopped by a timeout keeps what it measured
+            json.dump({"meta": {"partial": True}, "results": results}, f, indent=2)
+    meta = {k: getattr(args, k) for k in ("student", "teacher", "tiny", "batch", "prompt_length",
+                                           "completion_length", "steps", "device", "divergence_backend")}
+    meta.update(threads=args.threads or torch.get_num_threads(), torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average=os.getloadavg(),
+                device_name=torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name())
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    table = format_table(meta, results)
+    png = args.png or os.path.splitext(args.out)[0] + ".png"
+    if any("error" not in r for r in results):
+        plot(results, png, table.splitlines()[0])
+    print(table)
+    print(f"\nwrote {args.out} and {png}")
+    return results
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return os.uname().machine
+
+
+if __name__ == "__main__":
+    main()
