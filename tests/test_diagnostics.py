@@ -26,7 +26,8 @@ def reference_row(zs, zt, k):
     k = min(k, zs.size)
     shared = sorted(set(np.argsort(-zs, kind="stable")[:k]) & set(np.argsort(-zt, kind="stable")[:k]))
     h = lambda p: -float(sum(x * np.log(x) for x in p if x > 0))  # noqa: E731
-    kl = float(sum(a * (np.log(a) - np.log(b)) for a, b in zip(ps, pt) if a > 0))
+    with np.errstate(divide="ignore"):  # log 0 of a teacher token the student can reach: KL = inf
+        kl = float(sum(a * (np.log(a) - np.log(b)) for a, b in zip(ps, pt) if a > 0))
     return {"overlap_ratio": len(shared) / k, "shared_mass_student": float(ps[shared].sum()),
             "shared_mass_teacher": float(pt[shared].sum()), "entropy_gap": h(ps) - h(pt), "reverse_kl": kl}
 

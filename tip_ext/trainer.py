@@ -114,6 +114,7 @@ class TipSelector(TokenSelector):
             metrics.update({f"census/{k}": v for k, v in census.items() if not k.startswith("threshold")})
             summary = summarize_kept({k: stats[k] for k in CENSUS_STATS}, sel.keep)
             metrics.update({f"tokens/{k}": v for k, v in summary.items() if k != "kept_fraction"})
+        if cfg.census and sel.keep.numel() and "overlap_ratio" in stats:
             overlap = {name: stats[name] for name in (*OVERLAP_NAMES, "reverse_kl")}  # reverse_kl: depth profile
             metrics.update(summarize(overlap, position_buckets(sequence_ids, positions), sel.keep))
             metrics.update({f"census/{k}": v for k, v in quadrant_means(
