@@ -171,3 +171,23 @@ def test_selector_logs_overlap_over_kept_tokens_and_dumps_it(pair, tmp_path):
         assert len(metrics[name]) == 1, name  # one value per step: the trainer's own pass did not run as well
         assert metrics[name][0] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert any(name.startswith("census/overlap_ratio/") for name in metrics)
+
+
+def test_training_runs_log_the_diagnostics(tmp_path):
+    """Both entry points, end to end: the baseline with --overlap_diagnostics and a tip_ext selector's census."""
+    from opsd.train import main as train_opd
+    from support import base_args, save_pair, write_prompts
+    from tip_ext.train import main as train_tip
+
+    student, teacher = save_pair(str(tmp_path))
+    data = write_prompts(str(tmp_path / "p.jsonl"), n=8)
+    runs = {"opd": train_opd(base_args(student, teacher, data, str(tmp_path / "opd"), steps=2,
+                                       overlap_diagnostics="true", overlap_k=8, loss_support="union")),
+            "tip": train_tip(base_args(student, teacher, data, str(tmp_path / "tip"), steps=2, selector="q3",
+                                       ratio=0.5, overlap_k=8))}
+    for name, summary in runs.items():
+        logged = [h for h in summary["log_history"] if "loss" in h]
+        assert len(logged) == 2, name
+        for h in logged:
+            assert 0.0 <= h["overlap/ratio"] <= 1.0 and 0.0 <= h["overlap/teacher_mass"] <= 1.0, name
+            assert "overlap/entropy_gap/first" in h, name
