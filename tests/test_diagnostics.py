@@ -4,6 +4,7 @@ float64 references written from the definitions (METHODS.md section 4)."""
 from __future__ import annotations
 
 import glob
+import os
 
 import numpy as np
 import pandas as pd
@@ -177,6 +178,7 @@ def test_training_runs_log_the_diagnostics(tmp_path):
     """Both entry points, end to end: the baseline with --overlap_diagnostics and a tip_ext selector's census."""
     from opsd.train import main as train_opd
     from support import base_args, save_pair, write_prompts
+    from tip_ext.plot import main as plot_main
     from tip_ext.train import main as train_tip
 
     student, teacher = save_pair(str(tmp_path))
@@ -185,9 +187,15 @@ def test_training_runs_log_the_diagnostics(tmp_path):
                                        overlap_diagnostics="true", overlap_k=8, loss_support="union")),
             "tip": train_tip(base_args(student, teacher, data, str(tmp_path / "tip"), steps=2, selector="q3",
                                        ratio=0.5, overlap_k=8))}
+    for name in runs:  # the overlap curves plot (tip_ext.plot --overlap) reads either run
+        assert os.path.getsize(plot_main(["--overlap", str(tmp_path / name)])) > 0
+    train_opd(base_args(student, teacher, data, str(tmp_path / "plain"), steps=1))  # no diagnostics asked for
+    with pytest.raises(ValueError, match="overlap_diagnostics"):
+        plot_main(["--overlap", str(tmp_path / "plain")])
     for name, summary in runs.items():
         logged = [h for h in summary["log_history"] if "loss" in h]
         assert len(logged) == 2, name
         for h in logged:
             assert 0.0 <= h["overlap/ratio"] <= 1.0 and 0.0 <= h["overlap/teacher_mass"] <= 1.0, name
             assert "overlap/entropy_gap/first" in h, name
+

@@ -109,8 +109,8 @@ class OPDConfig(DistillationConfig):
         default=False,
         metadata={"help": "Log the overlap diagnostics (overlap/ratio, overlap/student_mass, overlap/teacher_mass, "
                   "overlap/entropy_gap, each also by response third) over the tokens in the loss every step. "
-                  "Without a selector this costs one extra no-grad student forward per micro-batch; a tip_ext "
-                  "selector computes them in its own statistics pass."},
+                  "Without a selector this costs one extra no-grad student forward per micro-batch; a selector "
+                  "that logs them itself (TokenSelector.logs_overlap) computes them in its own statistics pass."},
     )
     overlap_k: int = field(default=16, metadata={"help": "K of the overlap diagnostics' top-K sets."})
 

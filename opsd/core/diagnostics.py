@@ -10,8 +10,8 @@ Per token t, with S_K and T_K the student's and the teacher's top-K token sets (
 | entropy_gap         | H(P_S) - H(P_T) in nats                          |
 | reverse_kl          | KL(P_S || P_T) (probe_teacher's depth profile)   |
 
-`overlap_chunk` is the one implementation of the maths (tip_ext/stats.py and the trainer's baseline pass both call
-it); `overlap_from_hidden` runs it over [N, H] hidden states `chunk_size` rows at a time, so the extra memory is
+`overlap_chunk` is the one implementation of the maths (the selection extension's statistics pass and the
+trainer's baseline pass both call it); `overlap_from_hidden` runs it over [N, H] hidden states `chunk_size` rows at a time, so the extra memory is
 O(chunk_size * V) whatever N. Position buckets split each response into thirds of its valid tokens (b = floor(3 t /
 L), t the token's index among the L valid tokens of its response) so that progressive alignment and the decay of the
 dense reward with depth show up in the logs. K is clamped to V; ties inside torch.topk fall however torch breaks them.

@@ -364,7 +364,7 @@ class OPDTrainer(DistillationTrainer):
                                                         args.loss_support_k, self.beta, self.temperature,
                                                         args.loss_support_control_variate, args.chunk_size)
         if args.loss_support == "intersection":
-            self._metrics["train"]["loss_support/empty_fraction"].append(empty)
+            self._metrics["train" if self.model.training else "eval"]["loss_support/empty_fraction"].append(empty)
         return divergence, entropy
 
     @torch.no_grad()
