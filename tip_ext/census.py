@@ -53,7 +53,6 @@ def quadrant_census(
     return out
 
 
-
 def summarize_kept(stats: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
     """Mean of each statistic over kept and dropped tokens (`kept/<name>`, `dropped/<name>`; 0 for an empty set),
     plus `kept_fraction`."""
@@ -66,4 +65,21 @@ def summarize_kept(stats: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[s
             raise ValueError(f"stat {name!r} has {value.numel()} entries for {n} tokens")
         for prefix, mask in (("kept", keep), ("dropped", ~keep)):
             out[f"{prefix}/{name}"] = float(value[mask].mean()) if mask.any() else 0.0
+    return out
+
+
+def quadrant_means(entropy_norm: torch.Tensor, reverse_kl: torch.Tensor, values: dict[str, torch.Tensor],
+                   quantile: float = 0.5) -> dict[str, float]:
+    """Mean of each of `values` inside each quadrant (`<name>/Q1`..; empty quadrants give no entry), e.g. where in
+    the census the student's and the teacher's top-K sets overlap."""
+    h = entropy_norm.detach().reshape(-1).double()
+    d = reverse_kl.detach().reshape(-1).double()
+    if h.numel() == 0:
+        return {}
+    hi_h, hi_d = h > float(_quantile(h, quantile)), d > float(_quantile(d, quantile))
+    masks = dict(zip(QUADRANTS, (hi_h & hi_d, hi_h & ~hi_d, ~hi_h & hi_d, ~hi_h & ~hi_d)))
+    out = {}
+    for name, value in values.items():
+        value = value.detach().reshape(-1).double().to(h.device)
+        out.update({f"{name}/{q}": float(value[m].mean()) for q, m in masks.items() if m.any()})
     return out

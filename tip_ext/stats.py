@@ -14,6 +14,9 @@ O(chunk_size * V) whatever the number of tokens N:
 | support_mass     | C_t = sum_{v in topK(P_S)} P_T(v); TA-OPD's compatibility mass               |
 | local_forward_kl | D_t = KL(P_T^U || P_S^U), U = topK(P_S) u topK(P_T), both renormalized on U  |
 
+Also, only when asked for by name (OVERLAP_NAMES): the Rethinking-OPD diagnostics overlap_ratio, shared_mass_student,
+shared_mass_teacher and entropy_gap with their own K (`overlap_k`), from opsd.core.diagnostics.overlap_chunk.
+
 Conventions: 0 * log 0 = 0, so -inf logits are allowed (each row needs at least one finite logit); a KL is +inf when
 the first distribution puts mass where the second has none. top_k is clamped to V; ties inside torch.topk are
 broken however torch breaks them. Arithmetic is float32 whatever the input dtype.
@@ -26,6 +29,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from opsd.core.diagnostics import OVERLAP_NAMES, overlap_chunk
 from opsd.core.heads import LMHead
 
 STAT_NAMES = (
@@ -37,8 +41,11 @@ STAT_NAMES = (
     "support_mass",
     "local_forward_kl",
 )
+# computed only when asked for by name (the selector asks for them with the census)
+KNOWN_NAMES = STAT_NAMES + OVERLAP_NAMES
 _TOP_K_STATS = frozenset({"support_mass", "local_forward_kl"})
-_TEACHER_STATS = frozenset({"reverse_kl", "forward_kl", "teacher_entropy", "support_mass", "local_forward_kl"})
+_TEACHER_STATS = frozenset({"reverse_kl", "forward_kl", "teacher_entropy", "support_mass", "local_forward_kl",
+                            *OVERLAP_NAMES})
 
 
 def _resolve_names(names: Iterable[str] | None) -> tuple[str, ...]:
@@ -47,10 +54,10 @@ def _resolve_names(names: Iterable[str] | None) -> tuple[str, ...]:
     if isinstance(names, str):
         names = (names,)
     wanted = set(names)
-    unknown = sorted(wanted - set(STAT_NAMES))
+    unknown = sorted(wanted - set(KNOWN_NAMES))
     if unknown:
-        raise ValueError(f"unknown statistic(s) {unknown}; known: {list(STAT_NAMES)}")
-    return tuple(n for n in STAT_NAMES if n in wanted)
+        raise ValueError(f"unknown statistic(s) {unknown}; known: {list(KNOWN_NAMES)}")
+    return tuple(n for n in KNOWN_NAMES if n in wanted)
 
 
 def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -62,7 +69,8 @@ def _entropy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * log_p, 0.0).sum(-1)
 
 
-def _chunk_stats(zs: torch.Tensor, zt: torch.Tensor, names: tuple[str, ...], top_k: int) -> dict[str, torch.Tensor]:
+def _chunk_stats(zs: torch.Tensor, zt: torch.Tensor, names: tuple[str, ...], top_k: int,
+                 overlap_k: int = 16) -> dict[str, torch.Tensor]:
     """Statistics of one chunk; zs, zt are float32 [n, V] logits with the temperature already applied."""
     out: dict[str, torch.Tensor] = {}
     vocab = zs.shape[-1]
@@ -82,6 +90,8 @@ def _chunk_stats(zs: torch.Tensor, zt: torch.Tensor, names: tuple[str, ...], top
         out["forward_kl"] = _kl(pt, lt, ls)
     if "teacher_entropy" in names:
         out["teacher_entropy"] = _entropy(pt, lt)
+    if not set(OVERLAP_NAMES).isdisjoint(names):
+        out.update({name: value for name, value in overlap_chunk(ls, lt, overlap_k).items() if name in names})
     if _TOP_K_STATS.isdisjoint(names):
         return out
     k = min(top_k, vocab)
@@ -107,16 +117,19 @@ def _chunked(
     names: tuple[str, ...],
     top_k: int,
     chunk_size: int,
+    overlap_k: int = 16,
 ) -> dict[str, torch.Tensor]:
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out = {name: torch.empty(n_rows, dtype=torch.float32, device=device) for name in names}
+    # overlap_k only when used: wrappers of _chunk_stats written for its original signature keep working
+    extra = {} if set(OVERLAP_NAMES).isdisjoint(names) else {"overlap_k": overlap_k}
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         zs, zt = project(start, end)
-        chunk = _chunk_stats(zs, zt.to(zs.device), names, top_k)
+        chunk = _chunk_stats(zs, zt.to(zs.device), names, top_k, **extra)
         for name in names:
             out[name][start:end] = chunk[name]
     return out
@@ -135,10 +148,12 @@ def token_stats(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     names: Iterable[str] | None = None,
+    overlap_k: int = 16,
 ) -> dict[str, torch.Tensor]:
     """float32 [N] statistics (see the module table) of [N, V] student and teacher logits of any float dtype.
 
-    `names` restricts which statistics are computed and returned (default: all of STAT_NAMES).
+    `names` restricts which statistics are computed and returned (default: STAT_NAMES; the overlap diagnostics
+    OVERLAP_NAMES only when named, with top-K sets of size `overlap_k`).
     """
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -155,7 +170,7 @@ def token_stats(
             zs, zt = zs / temperature, zt / temperature
         return zs, zt
 
-    return _chunked(student_logits.shape[0], student_logits.device, project, wanted, top_k, chunk_size)
+    return _chunked(student_logits.shape[0], student_logits.device, project, wanted, top_k, chunk_size, overlap_k)
 
 
 @torch.no_grad()
@@ -168,6 +183,7 @@ def token_stats_from_hidden(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     names: Iterable[str] | None = None,
+    overlap_k: int = 16,
 ) -> dict[str, torch.Tensor]:
     """token_stats of the logits `head.logits(hidden, temperature)` without ever materializing [N, V] logits.
 
@@ -193,7 +209,7 @@ def token_stats_from_hidden(
             teacher_head.logits(teacher_hidden[start:end], temperature),
         )
 
-    return _chunked(student_hidden.shape[0], student_hidden.device, project, wanted, top_k, chunk_size)
+    return _chunked(student_hidden.shape[0], student_hidden.device, project, wanted, top_k, chunk_size, overlap_k)
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opsd.core.diagnostics import OVERLAP_NAMES, position_buckets, summarize
 from opsd.core.selection import SCOPES, TokenChoice, TokenSelector, TokenView
 
-from .census import quadrant_census, summarize_kept
+from .census import quadrant_census, quadrant_means, summarize_kept
 from .selectors import RULES, check_options, needed_stats, select
 from .stats import token_stats_from_hidden
 
@@ -45,7 +46,9 @@ class SelectorConfig:
     selector_weighting: str = field(
         default="hard", metadata={"help": "hard = keep mask; soft = keep all tokens weighted by the rule's score "
                                   "(an extension none of the papers offers)."})
-    census: bool = field(default=True, metadata={"help": "Log the quadrant census and kept/dropped statistics."})
+    census: bool = field(default=True, metadata={"help": "Log the quadrant census, kept/dropped statistics and the "
+                                                 "overlap diagnostics (overlap/*, over the kept tokens, K = the "
+                                                 "trainer's overlap_k)."})
     census_quantile: float = field(default=0.5, metadata={"help": "Quantile used as the high/low cut-off of both "
                                                                  "census axes (per rollout batch)."})
     token_dump_dir: str | None = field(
@@ -129,17 +132,19 @@ RULE_OPTION_FIELDS = ("alpha", "gamma", "importance_weights", "uniform_mix", "mi
 
 
 class TipSelector(TokenSelector):
-    def __init__(self, config: SelectorConfig, chunk_size: int = 512):
+    def __init__(self, config: SelectorConfig, chunk_size: int = 512, overlap_k: int = 16):
         if config.selector is None:
             raise ValueError("TipSelector needs a rule; with selector=None run plain OPD (no selector).")
         self.config = config
         self.scope = config.scope
         self.across_processes = config.selector_across_processes
         self.chunk_size = chunk_size
+        self.overlap_k = overlap_k
+        self.logs_overlap = config.census  # the trainer then skips its own overlap pass
         self.options = dict(config.selector_options or {})
         needed = set(needed_stats(config.selector, **self.options))
         if config.census:
-            needed |= set(CENSUS_STATS)
+            needed |= set(CENSUS_STATS) | set(OVERLAP_NAMES)
         self.stat_names = tuple(sorted(needed))
         self.needs_model_pass = bool(self.stat_names)
         self._dumped = 0
@@ -149,7 +154,8 @@ class TipSelector(TokenSelector):
             return {}
         return token_stats_from_hidden(view.student_hidden, view.student_head, view.teacher_hidden, view.teacher_head,
                                        top_k=self.config.support_top_k, chunk_size=self.chunk_size,
-                                       temperature=view.temperature, names=self.stat_names)
+                                       temperature=view.temperature, names=self.stat_names,
+                                       overlap_k=self.overlap_k)
 
     def choose(self, stats, sequence_ids, positions, generator) -> TokenChoice:
         cfg = self.config
@@ -161,6 +167,12 @@ class TipSelector(TokenSelector):
             metrics.update({f"census/{k}": v for k, v in census.items() if not k.startswith("threshold")})
             summary = summarize_kept({k: stats[k] for k in CENSUS_STATS}, sel.keep)
             metrics.update({f"tokens/{k}": v for k, v in summary.items() if k != "kept_fraction"})
+        if cfg.census and sel.keep.numel() and "overlap_ratio" in stats:
+            overlap = {name: stats[name] for name in (*OVERLAP_NAMES, "reverse_kl")}  # reverse_kl: depth profile
+            metrics.update(summarize(overlap, position_buckets(sequence_ids, positions), sel.keep))
+            metrics.update({f"census/{k}": v for k, v in quadrant_means(
+                stats["entropy_norm"], stats["reverse_kl"], {"overlap_ratio": stats["overlap_ratio"]},
+                cfg.census_quantile).items()})
         return TokenChoice(sel.keep, sel.weights, metrics, sel.score)
 
     def record(self, step: int, view: TokenView, stats, choice: TokenChoice) -> None:
@@ -170,7 +182,8 @@ class TipSelector(TokenSelector):
 
         os.makedirs(self.config.token_dump_dir, exist_ok=True)
         table = {"step": step, "sequence": view.sequence_ids.cpu().numpy(), "position": view.positions.cpu().numpy(),
-                 "token_id": view.token_ids.cpu().numpy(), "kept": choice.keep.cpu().numpy()}
+                 "token_id": view.token_ids.cpu().numpy(), "kept": choice.keep.cpu().numpy(),
+                 "position_bucket": position_buckets(view.sequence_ids, view.positions).cpu().numpy()}
         table.update({name: value.float().cpu().numpy() for name, value in stats.items()})
         if choice.score is not None:
             table["score"] = choice.score.float().cpu().numpy()
@@ -186,4 +199,5 @@ def make_selector(config: SelectorConfig, train_args=None) -> TipSelector | None
     """The selector for a config (None = the full-token baseline)."""
     if config.selector is None:
         return None
-    return TipSelector(config, chunk_size=getattr(train_args, "chunk_size", 512))
+    return TipSelector(config, chunk_size=getattr(train_args, "chunk_size", 512),
+                       overlap_k=getattr(train_args, "overlap_k", 16))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from .estimators import CONTROL_VARIATES, LOSS_SUPPORTS
+
 LOSS_TYPES = ("reverse_kl", "forward_kl", "jsd")
 LOSS_NORMALIZATIONS = ("kept_tokens", "all_tokens", "sequence")
 DIVERGENCE_BACKENDS = ("auto", "trl", "chunked", "fused")
@@ -96,6 +98,30 @@ class OPDConfig(DistillationConfig):
                   "non-finite loss (a teacher that is NaN on every step). 0 = never stop."},
     )
 
+    loss_support: str = field(
+        default="full",
+        metadata={"help": "Estimator of the per-token objective (opsd/core/estimators.py): full = the divergence over "
+                  "the whole vocabulary; student_topk / teacher_topk / intersection / union = the divergence with "
+                  "both distributions renormalized on that top-k token set (biased); sampled = REINFORCE on the "
+                  "sampled token with advantage log P_T(y) - log P_S(y) (unbiased gradient; reverse_kl only)."},
+    )
+    loss_support_k: int = field(default=16, metadata={"help": "k of the top-k loss supports (and of the topk "
+                                                             "control variate)."})
+    loss_support_control_variate: str = field(
+        default="none",
+        metadata={"help": "For loss_support=sampled (vOPD): subtract the detached per-token KL from the "
+                  "score-function coefficient: none, full (KL over the vocabulary) or topk (KL renormalized on the "
+                  "student's top-k)."},
+    )
+    overlap_diagnostics: bool = field(
+        default=False,
+        metadata={"help": "Log the overlap diagnostics (overlap/ratio, overlap/student_mass, overlap/teacher_mass, "
+                  "overlap/entropy_gap, each also by response third) over the tokens in the loss every step. "
+                  "Without a selector this costs one extra no-grad student forward per micro-batch; a selector "
+                  "that logs them itself (TokenSelector.logs_overlap) computes them in its own statistics pass."},
+    )
+    overlap_k: int = field(default=16, metadata={"help": "K of the overlap diagnostics' top-K sets."})
+
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
@@ -117,6 +143,7 @@ class OPDConfig(DistillationConfig):
             raise ValueError(f"max_consecutive_skipped_steps must be >= 0, got {self.max_consecutive_skipped_steps}.")
         if self.rollout_n < 1:
             raise ValueError(f"rollout_n must be >= 1, got {self.rollout_n}.")
+        self._check_loss_support()
         # TRL's beta: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher), between = JSD.
         self.beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": self.jsd_beta}[self.loss_type]
         if self.enable_thinking is not None:
@@ -132,3 +159,20 @@ class OPDConfig(DistillationConfig):
             # TRL turns bf16 mixed precision on by default; on CPU it is slow and lossy, so default it to GPUs.
             self.bf16 = torch.cuda.is_available()
         super().__post_init__()
+
+    def _check_loss_support(self):
+        if self.loss_support not in LOSS_SUPPORTS:
+            raise ValueError(f"loss_support must be one of {LOSS_SUPPORTS}, got {self.loss_support!r}.")
+        if self.loss_support_k < 1:
+            raise ValueError(f"loss_support_k must be >= 1, got {self.loss_support_k}.")
+        if self.loss_support_control_variate not in CONTROL_VARIATES:
+            raise ValueError(f"loss_support_control_variate must be one of {CONTROL_VARIATES}, got "
+                             f"{self.loss_support_control_variate!r}.")
+        if self.loss_support_control_variate != "none" and self.loss_support != "sampled":
+            raise ValueError("loss_support_control_variate applies to loss_support=sampled only; set "
+                             "--loss_support sampled or --loss_support_control_variate none.")
+        if self.loss_support == "sampled" and self.loss_type != "reverse_kl":
+            raise ValueError("loss_support=sampled estimates the reverse KL only: use --loss_type reverse_kl (or a "
+                             "top-k --loss_support for forward_kl / jsd).")
+        if self.overlap_k < 1:
+            raise ValueError(f"overlap_k must be >= 1, got {self.overlap_k}.")

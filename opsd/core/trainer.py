@@ -309,6 +309,8 @@ class OPDTrainer(DistillationTrainer):
         valid = self._all_reduce_sum(sum(m.sum() for m in masks))
         self._metrics["train"]["kept_fraction"].append((kept / valid.clamp_min(1)).item())
         self._metrics["train"]["kept_tokens"].append(kept.item())
+        if self.args.overlap_diagnostics and not getattr(selector, "logs_overlap", False):
+            self._log_overlap_diagnostics(micro_batches)
 
     def _run_selector(self, selector, micro_batches, masks):
         student = self.accelerator.unwrap_model(self.model)
@@ -402,9 +404,15 @@ class OPDTrainer(DistillationTrainer):
                           for h in self._heads(unwrapped_student, unwrapped_teacher))
         h_s = hidden.reshape(-1, hidden.shape[-1])[rows].to(s_head.weight.device)
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(t_head.weight.device)
-        loss, divergence, entropy = weighted_divergence_loss(h_s, s_head, h_t, t_head, factors[rows].to(h_s.device),
-                                                             self.beta, self.temperature, self.args.divergence_backend,
-                                                             self.args.chunk_size)
+        if self.args.loss_support == "full":
+            loss, divergence, entropy = weighted_divergence_loss(h_s, s_head, h_t, t_head,
+                                                                 factors[rows].to(h_s.device), self.beta,
+                                                                 self.temperature, self.args.divergence_backend,
+                                                                 self.args.chunk_size)
+        else:  # top-k / sampled-token estimators (opsd.core.estimators)
+            divergence, entropy = self._estimated_divergence(h_s, s_head, h_t, t_head,
+                                                             inputs["completion_ids"].reshape(-1)[rows])
+            loss = (divergence * factors[rows].to(divergence.device)).sum()
         if not torch.isfinite(loss):
             if not self.args.skip_nonfinite_loss:
                 raise FloatingPointError(f"Non-finite OPD loss {loss.item()} at step {self.state.global_step}.")
@@ -469,6 +477,43 @@ class OPDTrainer(DistillationTrainer):
                 f"{self.state.global_step}); the teacher or student produces NaN/inf. Check the teacher's dtype and "
                 f"weights (e.g. fp16 overflow: use bfloat16/float32), or raise --max_consecutive_skipped_steps.")
         return True
+
+    def _estimated_divergence(self, h_s, s_head, h_t, t_head, token_ids):
+        from .estimators import support_divergence
+
+        args = self.args
+        divergence, entropy, empty = support_divergence(h_s, s_head, h_t, t_head, token_ids, args.loss_support,
+                                                        args.loss_support_k, self.beta, self.temperature,
+                                                        args.loss_support_control_variate, args.chunk_size)
+        if args.loss_support == "intersection":
+            self._metrics["train" if self.model.training else "eval"]["loss_support/empty_fraction"].append(empty)
+        return divergence, entropy
+
+    @torch.no_grad()
+    def _log_overlap_diagnostics(self, micro_batches: list[dict]) -> None:
+        """Overlap diagnostics (opsd.core.diagnostics) over the tokens in the loss, for runs whose selector does not
+        compute them: one no-grad student forward per micro-batch, the cached teacher states, chunked heads."""
+        from .diagnostics import overlap_from_hidden, position_buckets, summarize
+
+        student = self.accelerator.unwrap_model(self.model)
+        self._teacher_phase(micro_batches)
+        with whole_heads(*self._heads(student, self.accelerator.unwrap_model(self.teacher_model))) as heads:
+            s_head, t_head = heads
+            stats, buckets, in_loss = [], [], []
+            for mb in micro_batches:
+                flat, rows, positions = valid_token_index(self._loss_mask(mb))
+                hidden = self._forward_redirection(self.model_wrapped, student, self._get_last_hidden_state, student,
+                                                   *self._model_inputs(mb))
+                h_t = mb["teacher_hidden"]
+                stats.append(overlap_from_hidden(hidden.reshape(-1, hidden.shape[-1])[flat].to(s_head.weight.device),
+                                                 s_head, h_t.reshape(-1, h_t.shape[-1])[flat].to(t_head.weight.device),
+                                                 t_head, self.args.overlap_k, self.args.chunk_size, self.temperature))
+                buckets.append(position_buckets(rows, positions))
+                in_loss.append(mb["loss_keep"].reshape(-1)[flat])
+        merged = {name: torch.cat([s[name] for s in stats]) for name in stats[0]} if stats else {}
+        if merged:
+            for name, value in summarize(merged, torch.cat(buckets), torch.cat(in_loss)).items():
+                self._metrics["train"][name].append(value)
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

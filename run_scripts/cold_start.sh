@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Off-policy cold start before OPD (python -m opsd.cold_start): the teacher answers the prompts, the student is
+# fine-tuned on those answers with TRL's SFTTrainer, and the result is a plain checkpoint to start OPD from.
+#
+#   MODEL_PATH=/models/Qwen3-1.7B TEACHER_MODEL_PATH=/models/Qwen3-8B DATA_DIR=data/dapo \
+#     bash run_scripts/cold_start.sh [extra python -m opsd.cold_start flags]
+#   then: MODEL_PATH=$COLD_START_DIR TEACHER_MODEL_PATH=... bash run_scripts/train_opd.sh
+#
+# Variables (default): MODEL_PATH (required: the student), TEACHER_MODEL_PATH (required), DATA_DIR (data),
+# COLD_START_FILE (TRAIN_FILE, else $DATA_DIR/train.jsonl: the prompts the teacher answers), COLD_START_DIR
+# (runs/cold-start-<time>: the checkpoint), COLD_START_ROLLOUTS (1 response per prompt), COLD_START_MAX_NEW_TOKENS
+# (MAX_RESPONSE_LENGTH, else 1024), COLD_START_TEMPERATURE (0.7), COLD_START_LIMIT (all prompts),
+# COLD_START_FILTER (0; 1 = keep only responses with reward > 0.5, needs answers), COLD_START_LORA (0; 1 = LoRA,
+# merged), COLD_START_LR (1e-5), COLD_START_EPOCHS (1), COLD_START_MAX_STEPS (-1 = epochs), COLD_START_BATCH_SIZE (4),
+# COLD_START_GRAD_ACC (1), COLD_START_BACKEND (hf; vllm when installed), ENABLE_THINKING (unset), DTYPE (auto),
+# SEED (42).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON_BIN:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python3)}
+
+: "${MODEL_PATH:?set MODEL_PATH to the local student model directory}"
+: "${TEACHER_MODEL_PATH:?set TEACHER_MODEL_PATH to the local teacher model directory}"
+DATA_DIR=${DATA_DIR:-data}
+COLD_START_FILE=${COLD_START_FILE:-${TRAIN_FILE:-$DATA_DIR/train.jsonl}}
+COLD_START_DIR=${COLD_START_DIR:-runs/cold-start-$(date +%Y%m%d-%H%M%S)}
+args=(
+  --teacher "$TEACHER_MODEL_PATH"
+  --student "$MODEL_PATH"
+  --prompts "$COLD_START_FILE"
+  --output_dir "$COLD_START_DIR"
+  --rollouts "${COLD_START_ROLLOUTS:-1}"
+  --max_new_tokens "${COLD_START_MAX_NEW_TOKENS:-${MAX_RESPONSE_LENGTH:-1024}}"
+  --temperature "${COLD_START_TEMPERATURE:-0.7}"
+  --backend "${COLD_START_BACKEND:-hf}"
+  --learning_rate "${COLD_START_LR:-1e-5}"
+  --num_train_epochs "${COLD_START_EPOCHS:-1}"
+  --max_steps "${COLD_START_MAX_STEPS:--1}"
+  --per_device_train_batch_size "${COLD_START_BATCH_SIZE:-4}"
+  --gradient_accumulation_steps "${COLD_START_GRAD_ACC:-1}"
+  --seed "${SEED:-42}"
+)
+[ -n "${COLD_START_LIMIT:-}" ] && args+=(--limit "$COLD_START_LIMIT")
+[ "${COLD_START_FILTER:-0}" = 1 ] && args+=(--filter_reward --reward_function "${REWARD_FUNCTION:-math}")
+[ "${COLD_START_LORA:-0}" = 1 ] && args+=(--lora)
+[ -n "${ENABLE_THINKING:-}" ] && args+=(--enable_thinking "$ENABLE_THINKING")
+[ -n "${DTYPE:-}" ] && args+=(--dtype "$DTYPE")
+args+=("$@")
+echo "[cold_start] $PY -m opsd.cold_start ${args[*]}"
+"$PY" -m opsd.cold_start "${args[@]}"
