@@ -2,6 +2,8 @@
 #
 # Provides (all names start with opsd_):
 #   opsd_help FILE ARGS...   print FILE's header comment and exit 0 when ARGS holds -h or --help
+#   opsd_header FILE         print FILE's header comment (the lines after the shebang up to the first non-comment)
+#   opsd_wants_help ARGS...  true when ARGS holds -h or --help
 #   opsd_python              set PYTHON: PYTHON_BIN, else $VENV/bin/python (VENV default .venv), else python3
 #   opsd_gpu_count           print the number of NVIDIA GPUs nvidia-smi lists (0 without a working nvidia-smi)
 #   opsd_log MSG...          "[script] MSG" on stderr
@@ -19,16 +21,21 @@ opsd_log() { echo "[$OPSD_SCRIPT] $*" >&2; }
 opsd_note() { echo "[$OPSD_SCRIPT] note: $*" >&2; }
 opsd_die() { echo "[$OPSD_SCRIPT] error: $*" >&2; exit 2; }
 
-opsd_help() {
-  local file=$1; shift
+opsd_header() {  # the header: every comment line after the shebang up to the first line that is not a comment
+  awk 'NR == 1 && /^#!/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+
+opsd_wants_help() {
   local arg
   for arg in "$@"; do
-    if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
-      # the header: every comment line after the shebang up to the first line that is not a comment
-      awk 'NR == 1 && /^#!/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$file"
-      exit 0
-    fi
+    if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then return 0; fi
   done
+  return 1
+}
+
+opsd_help() {
+  local file=$1; shift
+  if opsd_wants_help "$@"; then opsd_header "$file"; exit 0; fi
 }
 
 opsd_python() {
