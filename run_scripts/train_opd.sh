@@ -337,5 +337,5 @@ elif [ "$NPROC" -gt 1 ]; then
 else
   cmd=("$PYTHON" -m "$ENTRY")
 fi
-echo "[train] ${cmd[*]} ${args[*]}" >&2
+echo "[train] ${cmd[*]} ${args[*]}"
 exec "${cmd[@]}" "${args[@]}"
