@@ -112,7 +112,7 @@ else
     fi
   done
 fi
-[ ${#data[@]} -gt 0 ] || opsd_die "no benchmark file exists (DATA_FILES='${DATA_FILES:-}', DATA_DIR='${DATA_DIR:-}'); \
+[ ${#data[@]} -gt 0 ] || opsd_die "none of DATA_FILES exists (DATA_FILES='${DATA_FILES:-}', DATA_DIR='${DATA_DIR:-}'); \
 prepare them with run_scripts/prepare_data.sh or point DATA_DIR at upstream's raw data root"
 
 if [ -z "${OUTPUT_DIR:-}" ]; then
