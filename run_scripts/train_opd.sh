@@ -221,10 +221,10 @@ VAL_BEFORE=$(opsd_bool VAL_BEFORE_TRAIN "${VAL_BEFORE_TRAIN:-False}")
 if [ "$THINKING" = true ]; then VAL_TEMPERATURE=${VAL_TEMPERATURE:-0.6}; else VAL_TEMPERATURE=${VAL_TEMPERATURE:-0.7}; fi
 val_args=()
 if [ "$TEST_FREQ" -gt 0 ] || [ "$VAL_BEFORE" = true ]; then
-  [ -n "$VAL_FILES" ] || opsd_die "TEST_FREQ=$TEST_FREQ / VAL_BEFORE_TRAIN=$VAL_BEFORE_TRAIN need validation files: \
+  [ -n "$VAL_FILES" ] || opsd_die "TEST_FREQ=$TEST_FREQ / VAL_BEFORE_TRAIN=${VAL_BEFORE_TRAIN:-False} need validation files: \
 set VAL_FILES, or use upstream's raw DATA_DIR (MATH-500/, AIME_2024/, AIME_2025/)"
   read -r -a val_list <<< "$VAL_FILES"
-  if [ "$DRY" = false ]; then
+  if [ "$DRY" = false ] || [ -z "${planned:-}" ]; then  # a dry run of a raw DATA_DIR has not prepared them yet
     for spec in "${val_list[@]}"; do
       file=$spec; [[ "$spec" == *=* && ! -e "$spec" ]] && file=${spec#*=}
       [ -e "$file" ] || opsd_die "VAL_FILES entry $spec: $file does not exist"

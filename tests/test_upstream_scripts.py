@@ -144,7 +144,7 @@ def test_help_lists_every_variable_the_script_reads():
     (dict(TEACHER_MODEL_PATH="/nonexistent/teacher"), "TEACHER_MODEL_PATH"),
     (dict(TRAIN_FILE="/nonexistent/p.jsonl"), "TRAIN_FILE"),
     (dict(TRAIN_FILE="", DATA_DIR="/nonexistent/data"), "DATA_DIR"),
-    (dict(ROLLOUT_N="3"), "ROLLOUT_N"),
+    (dict(ROLLOUT_N="3", TRAIN_BATCH_SIZE="1"), "ROLLOUT_N"),
     (dict(ROLLOUT_N="0"), "ROLLOUT_N"),
     (dict(TRAIN_BATCH_SIZE="3", NPROC="2"), "NPROC"),
     (dict(TP_SIZE="2"), "USE_VLLM=1"),
