@@ -703,8 +703,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default="boxed",
                    help="How the question is presented: boxed = question + 'Please reason step by step, and put "
                    "your final answer within \\boxed{}.'; dapo = DAPO-Math's wording (final 'Answer: ...' line; "
-                   "DAPO prompts are kept as-is); none = bare question; upstream = question + upstream's \"Let's think step by "
-                   "step and output the final answer within \\boxed{}.\"; any other text must contain {question}. "
+                   "DAPO prompts are kept as-is); none = bare question; upstream = question + upstream's "
+                   "\"Let's think step by step and output the final answer within \\boxed{}.\"; any other text "
+                   "must contain {question}. "
                    "DAPO's built-in wording is stripped for every choice except dapo.")
     p.add_argument("--conversational", action=argparse.BooleanOptionalAction, default=True,
                    help="Write prompt as [{'role': 'user', 'content': text}] so the trainer applies each model's "

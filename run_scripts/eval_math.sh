@@ -29,7 +29,8 @@
 #   BACKEND              [hf] hf | vllm (upstream: SGLang; USE_VLLM=1 is the same as BACKEND=vllm)
 #   TP_SIZE              [1] vLLM tensor-parallel size (BACKEND=vllm only)
 #   GPU_MEMORY_UTIL      [0.9, upstream: 0.7] vLLM memory share (BACKEND=vllm only)
-#   OUTPUT_DIR           [$MODEL_PATH/eval; with RUN_ID or OUTPUT_ROOT set: $OUTPUT_ROOT/MODEL-eval-VARIANT-REWARD-RUN_ID]
+#   OUTPUT_DIR           [$MODEL_PATH/eval; with RUN_ID or OUTPUT_ROOT set:
+#                        $OUTPUT_ROOT/MODEL_NAME-eval-INSTRUCTION_VARIANT-REWARD_FUNCTION-RUN_ID, upstream's name]
 #   OUTPUT_ROOT          [outputs/eval]
 #   RUN_ID               [local]
 #   ENABLE_THINKING      [unset = not passed; upstream: False] 1/true or 0/false for the chat template
@@ -118,7 +119,8 @@ prepare them with run_scripts/prepare_data.sh or point DATA_DIR at upstream's ra
 if [ -z "${OUTPUT_DIR:-}" ]; then
   if [ -n "${RUN_ID:-}" ] || [ -n "${OUTPUT_ROOT:-}" ]; then
     MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL_PATH")}
-    OUTPUT_DIR=${OUTPUT_ROOT:-outputs/eval}/$(echo "$MODEL_NAME" | tr '/' '_')-eval-$INSTRUCTION_VARIANT-$REWARD_FUNCTION-${RUN_ID:-local}
+    exp=$(echo "$MODEL_NAME" | tr '/' '_')-eval-$INSTRUCTION_VARIANT-$REWARD_FUNCTION-${RUN_ID:-local}
+    OUTPUT_DIR=${OUTPUT_ROOT:-outputs/eval}/$exp
   else
     OUTPUT_DIR=$MODEL_PATH/eval
   fi

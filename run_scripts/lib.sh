@@ -48,7 +48,8 @@ opsd_python() {
   else
     PYTHON=python3
   fi
-  command -v "$PYTHON" >/dev/null 2>&1 || opsd_die "interpreter '$PYTHON' not found; set PYTHON_BIN or run run_scripts/setup.sh"
+  command -v "$PYTHON" >/dev/null 2>&1 \
+    || opsd_die "interpreter '$PYTHON' not found; set PYTHON_BIN or run run_scripts/setup.sh"
   export PYTHON
 }
 
