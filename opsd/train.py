@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
                          eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
                          token_selector=selector, teacher_tokenizer=teacher_tokenizer,
                          reward_fn=reward_fn if "answer" in train_dataset.column_names else None)
+    trainer.model_card_extra = model_card_section(config)
     validation = None
     if val_args.enabled:
         from .validation import ValidationCallback
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
         validation = ValidationCallback(trainer, val_args, reward_fn)
         trainer.add_callback(validation)
     result = trainer.train(resume_from_checkpoint=resume)
+    # the card first: with push_to_hub, save_model uploads the directory (card included) right away
+    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(train_args.output_dir)))
     trainer.save_model(train_args.output_dir)
     tokenizer.save_pretrained(train_args.output_dir)
     summary = {"config": config, "train_metrics": result.metrics, "log_history": trainer.state.log_history,
@@ -257,15 +260,8 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
     if validation is not None:
         summary["validation"] = validation.history
     if trainer.accelerator.is_main_process:
-        trainer.create_model_card(model_name=os.path.basename(os.path.normpath(train_args.output_dir)))
-        card = os.path.join(train_args.output_dir, "README.md")
-        if os.path.exists(card):
-            with open(card, "a") as f:
-                f.write(model_card_section(config))
         with open(os.path.join(train_args.output_dir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2, default=str)
-    if train_args.push_to_hub:
-        trainer.push_to_hub(commit_message="opsd-tip: final model")
     return summary
 
 

@@ -176,3 +176,23 @@ def test_validation_off_builds_nothing(pair, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "run" / "validation.jsonl")
     with pytest.raises(ValueError, match="val_files"):
         V.ValidationArguments(test_freq=2)
+
+
+def test_push_to_hub_pushes_the_final_model_with_its_card(pair, tmp_path, monkeypatch):
+    """No network here: the hub calls are recorded instead of made."""
+    from opsd.core.trainer import OPDTrainer
+    from opsd.train import main
+
+    calls = []
+    monkeypatch.setattr(OPDTrainer, "init_hf_repo", lambda self, *a, **k: calls.append("init"))
+    def push(self, *args, **kwargs):
+        self.create_model_card()  # what transformers' push_to_hub does before uploading
+        with open(os.path.join(self.args.output_dir, "README.md")) as f:
+            calls.append(("push", "Training method (opsd-tip)" in f.read()))
+
+    monkeypatch.setattr(OPDTrainer, "push_to_hub", push)
+    student, teacher = pair
+    data = write_prompts(str(tmp_path / "p.jsonl"))
+    main(base_args(student, teacher, data, str(tmp_path / "run"), steps=1, push_to_hub="true",
+                   hub_model_id="me/opsd-test"))
+    assert calls == ["init", ("push", True)]

@@ -68,6 +68,15 @@ class OPDTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "distillation", "on-policy-distillation", "opsd-tip"]
     _name = "OPD (opsd-tip)"
+    model_card_extra = ""  # markdown appended to TRL's model card (opsd.train: the method, selector and papers)
+
+    def create_model_card(self, *args, **kwargs):
+        super().create_model_card(*args, **kwargs)
+        if self.model_card_extra and self.is_world_process_zero():
+            import os
+
+            with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
+                f.write(self.model_card_extra)
 
     def __init__(self, model, teacher_model=None, args: OPDConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
