@@ -233,9 +233,13 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
     selector = make_selector(*extra_args, train_args) if make_selector is not None else None
     from .reward import get_reward_fn
 
-    # rollout accuracy is logged whenever the prompts have answers; weighting and validation use the same reward
-    reward_fn = (get_reward_fn(train_args.reward_function or "math")
-                 if "answer" in train_dataset.column_names or val_args.enabled else None)
+    # rollout accuracy is logged whenever the prompts have answers (every rollout is scored, as upstream's
+    # opd/accuracy; --reward_function none turns that off); weighting and validation use the same reward
+    name = train_args.reward_function or "math"
+    if name.lower() == "none" and (val_args.enabled or (train_args.reward_beta or 0) > 0):
+        raise SystemExit("error: --reward_function none, but validation and reward weighting need a reward.")
+    reward_fn = (get_reward_fn(name) if name.lower() != "none"
+                 and ("answer" in train_dataset.column_names or val_args.enabled) else None)
     init = dict(train_args.teacher_model_init_kwargs or {})
     init.setdefault("dtype", model_args.dtype or "float32")
     train_args.teacher_model_init_kwargs = init

@@ -178,13 +178,13 @@ def test_dry_run_resolves_upstream_semantics(pair, tmp_path):
     assert forced["OPDConfig"]["chat_template_kwargs"] == {"enable_thinking": True}
     val = dict(base, VAL_FILES=base["TRAIN_FILE"], TEST_FREQ="3")
     assert dry_config(run("train_opd.sh", val))["ValidationArguments"]["val_temperature"] == 0.6
-    nothink = dry_config(run("train_opd.sh", dict(val, ENABLE_THINKING="False")))["ValidationArguments"]
+    config = dry_config(run("train_opd.sh", dict(val, ENABLE_THINKING="False", OPD_REWARD_BETA="0.5",
+                                                 OPD_REWARD_WEIGHTING="upstream", REWARD_FUNCTION="math_dapo")))
+    nothink, weighted = config["ValidationArguments"], config["OPDConfig"]
     assert nothink["val_temperature"] == 0.7 and nothink["test_freq"] == 3 and nothink["val_top_k"] == 20
-    weighted = dry_config(run("train_opd.sh", dict(base, OPD_REWARD_BETA="0.5", OPD_REWARD_WEIGHTING="upstream",
-                                                   REWARD_FUNCTION="math_dapo")))["OPDConfig"]
     assert (weighted["reward_beta"], weighted["reward_weighting"], weighted["reward_function"]) == (
         0.5, "upstream", "math_dapo")
-    assert "-rwbeta0.5-" in weighted["output_dir"]
+    assert "-rwbeta0.5-" in weighted["output_dir"] and "-nothink-" in weighted["output_dir"]
 
 
 def test_vllm_variables_map_to_trl_and_missing_vllm_is_a_clear_error(pair, tmp_path):

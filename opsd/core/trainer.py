@@ -2,7 +2,8 @@
 
 One optimizer step, top to bottom (see ../shared/DESIGN.md and patches/README.md):
 1. `_prepare_inputs`: the student samples completions for the generation batch (TRL's generation, HF or vLLM),
-   optional reward weights, shuffle and split into gradient-accumulation micro-batches.
+   rollout metrics (prompts, completions, accuracy when a reward function is set), optional reward weights, shuffle
+   and split into gradient-accumulation micro-batches.
 2. `_select_tokens` (THE place a token's keep mask is decided): with a selector, a no-grad pass computes the
    student's and the teacher's hidden states at the valid completion positions (the teacher's are cached, so the
    teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
