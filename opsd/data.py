@@ -25,6 +25,8 @@ question/answer table into ``DIR/{split}.jsonl`` (+ ``DIR/validation.jsonl``) wi
   \\boxed{}." (what ``opsd.reward.extract_answer`` reads first);
 - ``dapo``: DAPO-Math's own wording, asking for a final ``Answer: ...`` line;
 - ``none``: the bare question;
+- ``upstream``: ``{question}`` + "Let's think step by step and output the final answer within \\boxed{}." (the
+  wording of upstream's data preparation, HJSang/OPSD_OnPolicyDistillation);
 - any other text containing ``{question}``: that text with the question substituted (plain substitution, so
   LaTeX braces in the text are safe).
 
@@ -39,7 +41,11 @@ differences. Rows where neither part is found keep their text unchanged and are 
 Cleaning: rows with an empty question or an empty answer are dropped, then duplicates by normalized question
 text (case-folded, whitespace collapsed, instruction removed) keep their first occurrence. ``--limit`` keeps the
 first N clean rows in file order (reading stops there). ``--val_fraction`` moves a seeded random subset to ``validation.jsonl``; both
-files keep the input order.
+files keep the input order. ``--train_ratio R`` is upstream's split instead: the rows in the order of
+``numpy.random.default_rng(seed).permutation`` (the permutation ``datasets.Dataset.shuffle(seed=...)`` draws), the
+first ``int(n * R)`` for training, the rest for validation. A worked-solution answer column (``solution``, as in
+upstream's AIME 2024 file) is reduced to its last ``\\boxed{}`` content. Input that leaves no rows is an error
+(exit status 2).
 """
 
 from __future__ import annotations
@@ -83,6 +89,8 @@ DAPO_PREFIX = (
 )
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 DAPO_INSTRUCTION = DAPO_PREFIX + "{question}" + DAPO_SUFFIX
+# upstream's (HJSang/OPSD_OnPolicyDistillation) boxed wording, used by its training and validation files
+UPSTREAM_INSTRUCTION = "{question}\n\nLet's think step by step and output the final answer within \\boxed{}."
 
 _DAPO_PREFIX_RE = re.compile(
     r"^\s*solve\s+the\s+following\s+math\s+problem\s+step\s+by\s+step\.?\s*"
@@ -380,12 +388,13 @@ def apply_instruction(question: str, instruction: str) -> str:
     """Wrap ``question`` with ``instruction`` ('boxed', 'dapo', 'none' or custom text containing '{question}')."""
     if instruction == "none":
         return question
-    template = {"boxed": BOXED_INSTRUCTION, "dapo": DAPO_INSTRUCTION}.get(instruction, instruction)
+    template = {"boxed": BOXED_INSTRUCTION, "dapo": DAPO_INSTRUCTION, "upstream": UPSTREAM_INSTRUCTION}.get(
+        instruction, instruction)
     return template.replace("{question}", question)
 
 
 def _check_instruction(instruction: str) -> None:
-    if instruction in ("boxed", "dapo", "none"):
+    if instruction in ("boxed", "dapo", "none", "upstream"):
         return
     if "{question}" not in instruction:
         raise ValueError(
@@ -394,8 +403,17 @@ def _check_instruction(instruction: str) -> None:
         )
 
 
+_BOXED_RE = re.compile(r"\\boxed\s*\{")
+
+
+def _boxed_content(text: str) -> str | None:
+    from .reward import extract_answer
+
+    return extract_answer(text)
+
+
 _QUESTION_CANDIDATES = ("question", "problem", "Problem", "Question", "query", "input")
-_ANSWER_CANDIDATES = ("answer", "Answer", "final_answer", "ground_truth", "solution_answer", "target")
+_ANSWER_CANDIDATES = ("answer", "Answer", "final_answer", "ground_truth", "solution_answer", "target", "solution")
 
 
 def detect_layout(columns: Iterable[str]) -> str:
@@ -464,6 +482,7 @@ def prepare(
     limit: int | None = None,
     split_name: str = "train",
     verbose: bool = True,
+    train_ratio: float | None = None,
 ) -> dict:
     """Convert one raw file into ``output_dir/{split_name}.jsonl`` (+ ``validation.jsonl``); returns the summary.
 
@@ -480,7 +499,12 @@ def prepare(
         raise ValueError(f"limit must be positive, got {limit}.")
     if not split_name or "/" in split_name or split_name.endswith(".jsonl"):
         raise ValueError(f"split_name must be a bare name such as 'train', got {split_name!r}.")
-    if val_fraction > 0 and split_name == "validation":
+    if train_ratio is not None and not 0.0 < float(train_ratio) <= 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}.")
+    if train_ratio is not None and val_fraction > 0:
+        raise ValueError("Give either val_fraction (random subset, input order kept) or train_ratio (upstream's "
+                         "shuffled split), not both.")
+    if (val_fraction > 0 or train_ratio is not None) and split_name == "validation":
         raise ValueError("split_name 'validation' clashes with the validation split; pick another name.")
 
     input_path = Path(input)
@@ -543,6 +567,8 @@ def prepare(
         else:
             question = _text(r.get(q_col))
             answer = _answer_to_str(r.get(a_col)) or ""
+            if a_col == "solution" and _BOXED_RE.search(answer):  # a worked solution: keep its boxed result
+                answer = _boxed_content(answer) or answer
             source = default_source
             rid = _text(r.get(id_col)) if id_col else ""
             text = apply_instruction(question, instruction)
@@ -570,11 +596,23 @@ def prepare(
 
     if rows_read == 0:
         raise ValueError(f"{input_path} holds no rows.")
+    if not kept:
+        raise ValueError(f"{input_path}: no rows left after cleaning ({rows_read} read; dropped {dropped}); check "
+                         f"--layout and the question/answer columns.")
     if limit is not None:
         kept = kept[: int(limit)]
 
     splits: dict[str, list[dict]] = {}
-    if val_fraction > 0 and len(kept) >= 2:
+    if train_ratio is not None:
+        # upstream: the rows in the order of numpy's default_rng(seed).permutation (what datasets' shuffle(seed)
+        # draws), the first int(n * ratio) for training and the rest for validation
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(kept)).tolist()
+        cut = int(len(kept) * float(train_ratio))
+        splits[split_name] = [kept[j] for j in order[:cut]]
+        splits["validation"] = [kept[j] for j in order[cut:]]
+    elif val_fraction > 0 and len(kept) >= 2:
         n_val = min(max(1, round(len(kept) * float(val_fraction))), len(kept) - 1)
         val_idx = set(random.Random(seed).sample(range(len(kept)), n_val))
         splits[split_name] = [r for j, r in enumerate(kept) if j not in val_idx]
@@ -584,6 +622,9 @@ def prepare(
         if val_fraction > 0:
             splits["validation"] = []
 
+    if not splits[split_name]:
+        raise ValueError(f"{split_name}.jsonl would be empty ({len(kept)} clean rows); lower val_fraction or raise "
+                         f"train_ratio.")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -662,7 +703,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default="boxed",
                    help="How the question is presented: boxed = question + 'Please reason step by step, and put "
                    "your final answer within \\boxed{}.'; dapo = DAPO-Math's wording (final 'Answer: ...' line; "
-                   "DAPO prompts are kept as-is); none = bare question; any other text must contain {question}. "
+                   "DAPO prompts are kept as-is); none = bare question; upstream = question + upstream's "
+                   "\"Let's think step by step and output the final answer within \\boxed{}.\"; any other text "
+                   "must contain {question}. "
                    "DAPO's built-in wording is stripped for every choice except dapo.")
     p.add_argument("--conversational", action=argparse.BooleanOptionalAction, default=True,
                    help="Write prompt as [{'role': 'user', 'content': text}] so the trainer applies each model's "
@@ -670,6 +713,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fraction", type=float, default=0.0,
                    help="Fraction of the cleaned rows moved to validation.jsonl (seeded random choice); 0 = none.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the train/validation split.")
+    p.add_argument("--train_ratio", type=float, default=None,
+                   help="Upstream's split instead of --val_fraction: rows shuffled with numpy's "
+                   "default_rng(seed).permutation, the first int(n * ratio) go to {split_name}.jsonl and the rest to "
+                   "validation.jsonl, both in shuffled order (upstream: ratio 0.8, seed 42).")
     p.add_argument("--limit", type=int, default=None,
                    help="Keep only the first N cleaned rows (in file order) before splitting; default: all.")
     p.add_argument("--split_name", default="train",
@@ -694,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit=args.limit,
             split_name=args.split_name,
             verbose=not args.quiet,
+            train_ratio=args.train_ratio,
         )
     except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ second preset never mixes with the first; to change one, set it after sourcing.)
 Per pair there are:
 - `<pair>-paper`: the papers' recipe as written in METHODS.md (AdamW, cosine schedule, lr 1e-6, 16 rollouts per
   prompt, responses up to 8192 tokens, OPD chunk 512), full fine-tuning on one node of 8 GPUs with DeepSpeed ZeRO-3
-  (run_scripts/accelerate/zero3.yaml). The GPU size is the smallest of 80/141 GiB the planner says fits. The papers
+  (run_scripts/accelerate/zero3.yaml), vLLM rollouts when vLLM is installed (USE_VLLM=auto). The GPU size is the smallest of 80/141 GiB the planner says fits. The papers
   do not give the prompt length or the batch size: 1024 prompt tokens and 8 prompts x 16 rollouts per step are ours.
 - `<pair>-lora-{24,48,80}gb`: one GPU, a LoRA student (r=64, alpha=128, all linear layers), one prompt x 16 rollouts
   per optimizer step, and the cheapest memory changes that opsd.plan says fit (micro-batch, 4-bit/8-bit teacher,
@@ -25,6 +25,11 @@ Per pair there are:
   preset's header says so). A preset must fit both without a selector (train_opd.sh) and with one (train_tip.sh, the
   statistics pass and cached teacher hidden states, any ratio). Pairs for which nothing fits a GPU size are listed
   with the smallest total the planner found, and have no env file.
+- `upstream` (run_scripts/presets/upstream.env, PRESET=upstream): upstream's own script defaults (256 prompts per
+  step, 15 epochs, prompt 2048 / response 8192, chunk 256, weight decay 0.1, constant learning rate, its prompt
+  wording and 80/20 split with seed 42, validation every 5 steps, its evaluation sampling); not planned.
+
+TRAIN_BATCH_SIZE counts prompts (upstream's meaning): a step has TRAIN_BATCH_SIZE x ROLLOUT_N completions.
 
 Every variable a preset sets is one train_opd.sh or train_tip.sh reads; LoRA, quantization, offload and the
 scheduler go through EXTRA_ARGS (flags of `python -m opsd.train`). tests/test_presets.py checks that each env file
@@ -117,7 +122,7 @@ def env_for(plan: PlanInputs, teacher_dir: str, student_dir: str, accelerate_con
         "OPD_LOSS_TYPE": "reverse_kl",
         "OPD_CHUNK_SIZE": str(plan.chunk_size),
         "ROLLOUT_N": str(plan.rollout_n),
-        "TRAIN_BATCH_SIZE": str(plan.rollout_batch),
+        "TRAIN_BATCH_SIZE": str(plan.rollout_batch // plan.rollout_n),  # prompts per step, as upstream counts
         "PPO_MICRO_BATCH_SIZE_PER_GPU": str(plan.micro_batch),
         "MAX_PROMPT_LENGTH": str(plan.prompt_length),
         "MAX_RESPONSE_LENGTH": str(plan.response_length),
@@ -127,6 +132,7 @@ def env_for(plan: PlanInputs, teacher_dir: str, student_dir: str, accelerate_con
     }
     if accelerate_config:
         env["ACCELERATE_CONFIG"] = accelerate_config
+        env["USE_VLLM"] = "auto"  # vLLM rollouts when it is installed (and a GPU is there), else transformers
     env["EXTRA_ARGS"] = _extra_args(plan)
     return env
 
@@ -151,7 +157,8 @@ def plan_from_env(env: dict[str, str], student: str, teacher: str, gpu_memory_gb
     return PlanInputs(student=student, teacher=teacher, gpu_memory_gb=gpu_memory_gb, num_gpus=int(env["NPROC"]),
                       prompt_length=int(env["MAX_PROMPT_LENGTH"]), response_length=int(env["MAX_RESPONSE_LENGTH"]),
                       micro_batch=int(env["PPO_MICRO_BATCH_SIZE_PER_GPU"]),
-                      rollout_batch=int(env["TRAIN_BATCH_SIZE"]), rollout_n=int(env["ROLLOUT_N"]), lora=lora,
+                      rollout_batch=int(env["TRAIN_BATCH_SIZE"]) * int(env["ROLLOUT_N"]),
+                      rollout_n=int(env["ROLLOUT_N"]), lora=lora,
                       lora_rank=int(flag("--lora_r", LORA["rank"])), lora_targets=flag("--lora_target_modules",
                                                                                        "all-linear"),
                       student_quant=student_quant, teacher_placement=placement,
@@ -267,17 +274,60 @@ def readme() -> str:
         without = estimate(preset.plan.replace(selector_ratio=None)).total / GiB
         lines.append(f"| `{name}` | {preset.plan.num_gpus} x {preset.gpu_memory_gb:g} GiB | {with_sel:.1f} / "
                      f"{without:.1f} GiB | {preset.description}{'; ' + ' '.join(preset.notes) if preset.notes else ''} |")
+    lines += ["", "`upstream.env` (`PRESET=upstream`): upstream's own script defaults (256 prompts x 1 completion per "
+              "step, 15 epochs, prompt 2048 / response 8192, chunk 256, weight decay 0.1, constant learning rate, "
+              "its prompt wording and 80/20 split with seed 42, validation every 5 steps) for 8 GPUs; values already "
+              "in the environment win. Not planned: check it with `python -m opsd.plan` for your pair."]
     if missing:
         lines += ["", "No preset (the planner found nothing that fits):", ""] + [f"- {m}" for m in missing]
     return "\n".join(lines) + "\n"
 
 
+# PRESET=upstream: the defaults of upstream's scripts/opd/train_opd.sh and scripts/eval/eval_math.sh
+# (HJSang/OPSD_OnPolicyDistillation at 65ad87b), for 8 GPUs; not planned (no model pair is fixed).
+UPSTREAM_ENV = {
+    "TRAIN_BATCH_SIZE": "256", "ROLLOUT_N": "1", "PPO_MICRO_BATCH_SIZE_PER_GPU": "4", "LEARNING_RATE": "1e-6",
+    "LR_SCHEDULER_TYPE": "constant", "WEIGHT_DECAY": "0.1", "TOTAL_EPOCHS": "15", "MAX_PROMPT_LENGTH": "2048",
+    "MAX_RESPONSE_LENGTH": "8192", "OPD_LOSS_TYPE": "reverse_kl", "OPD_CHUNK_SIZE": "256",
+    "OPD_LOSS_NORMALIZATION": "kept_tokens", "OPD_REWARD_WEIGHTING": "upstream", "REWARD_FUNCTION": "math",
+    "TEMPERATURE": "1.0", "TOP_P": "1.0", "TOP_K": "-1", "ENABLE_THINKING": "True", "SAVE_FREQ": "20",
+    "TEST_FREQ": "5", "VAL_BEFORE_TRAIN": "False", "VAL_N": "16", "VAL_TOP_P": "0.8", "VAL_TOP_K": "20",
+    "DAPO_TRAIN_RATIO": "0.8", "DATA_SEED": "42", "PREP_INSTRUCTION": "upstream", "USE_VLLM": "auto",
+    "TP_SIZE": "1", "NPROC": "8", "DTYPE": "bfloat16", "EXTRA_ARGS": "--gradient_checkpointing true",
+}
+UPSTREAM_NOTES = [
+    "upstream.env: the defaults of upstream's scripts (HJSang/OPSD_OnPolicyDistillation 65ad87b), 8 GPUs.",
+    "Generated by `python -m opsd.presets write` from opsd/presets.py; edit there, not here.",
+    "Unlike the other presets, a variable already set in the environment keeps its value (upstream's rule).",
+    "Use: PRESET=upstream MODEL_PATH=... TEACHER_MODEL_PATH=... DATA_DIR=<upstream raw data root> "
+    "bash run_scripts/train_opd.sh",
+    "VAL_TEMPERATURE follows upstream's rule (0.6 with ENABLE_THINKING=True, the default, else 0.7); for Qwen "
+    "models the chat template still gets enable_thinking=False, as upstream.",
+    "Differences that remain (README, Run-script variables): micro-batches are shuffled before splitting, the "
+    "objective is this project's chunked divergence over kept rows, rollouts come from vLLM (when installed) or "
+    "transformers instead of SGLang, validation samples with transformers generate.",
+    "Evaluation with upstream's sampling: PRESET=upstream bash run_scripts/eval_math.sh (it does not read this "
+    "file; T 0.7 / top-p 0.8 / top-k 20, 16384 new tokens, 16 samples).",
+]
+
+
+def render_upstream() -> str:
+    lines = [f"# {n}" for n in UPSTREAM_NOTES]
+    # like upstream's script: a value already in the environment wins over the default
+    lines += [f"{k}=${{{k}:-{shlex.quote(v) if ' ' not in v else v}}}" for k, v in UPSTREAM_ENV.items()]
+    return "\n".join(lines) + "\n"
+
+
 def write(directory: str | None = None) -> list[str]:
-    """Write every preset's env file and the README into `directory` (default run_scripts/presets)."""
+    """Write every preset's env file, upstream.env and the README into `directory` (default run_scripts/presets)."""
     directory = directory or default_dir()
     os.makedirs(directory, exist_ok=True)
     table, _ = presets()
     paths = []
+    path = os.path.join(directory, "upstream.env")
+    with open(path, "w") as f:
+        f.write(render_upstream())
+    paths.append(path)
     for name, preset in table.items():
         path = os.path.join(directory, f"{name}.env")
         with open(path, "w") as f:

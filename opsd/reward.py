@@ -5,7 +5,10 @@ Public API
 - ``extract_answer(text) -> str | None``: the model's final answer (last ``\\boxed{}``/``\\fbox{}``, else the last
   DAPO-style ``Answer: ...`` line).
 - ``math_reward(completion, ground_truth) -> float``: 1.0 if the extracted answer matches the ground truth, else 0.0.
-- ``REWARD_FUNCTIONS`` / ``get_reward_fn(name)``: name -> reward function registry.
+- ``math_dapo_reward(completion, ground_truth) -> float``: upstream's strict rule (last ``Answer:`` line, Minerva
+  normalization, exact match); registered as ``math_dapo``.
+- ``REWARD_FUNCTIONS`` / ``get_reward_fn(name)``: name -> reward function registry (upstream's ``math_reward`` is
+  accepted as an alias of ``math``).
 
 Equivalence checking
 --------------------
@@ -49,8 +52,10 @@ __all__ = [
     "answers_match",
     "extract_answer",
     "get_reward_fn",
+    "math_dapo_reward",
     "math_reward",
     "normalize_answer",
+    "normalize_dapo_answer",
 ]
 
 
@@ -289,15 +294,69 @@ def math_reward(completion, ground_truth) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# math_dapo: upstream's strict "Answer:" rule
+# ----------------------------------------------------------------------------------------------------------------
+
+#: How much of the end of a completion math_dapo reads (upstream: the longest MATH-500 answer is far shorter).
+DAPO_TAIL_CHARS = 300
+_DAPO_ANSWER_RE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
+# Minerva-style normalization (Lewkowycz et al. 2022, appendix): drop articles, spaces, dollar signs, unit and
+# filler words, unwrap \text / \textbf / \overline / \boxed, complete shorthand \frac and \sqrt, drop thousands
+# separators of plain integers.
+_DAPO_REPLACE = ((r"\ ", ""), ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), (" ", ""), ("mbox", "text"),
+                 (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"))
+_DAPO_DROP = ("square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue",
+              "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals",
+              "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
+              "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}",
+              "\\;", ",\\!", "{,}", '"', "\\dots")
+
+
+def normalize_dapo_answer(answer: str) -> str:
+    """The normalized form math_dapo compares: the part after the last '=', then the Minerva rules above."""
+    text = str(answer).split("=")[-1]
+    for old, new in _DAPO_REPLACE:
+        text = text.replace(old, new)
+    for word in _DAPO_DROP:
+        text = text.replace(word, "")
+    text = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", r"$\3$", text)  # keep the first $...$ span
+    for command in ("text", "textbf", "overline"):
+        text = re.sub(r"(\\" + command + r"\{)(.*?)(\})", r"\2", text)
+    text = re.sub(r"(\\boxed\{)(.*)(\})", r"\2", text)
+    text = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", text)
+    text = re.sub(r"(sqrt)([^{])", r"sqrt{\2}", text)
+    text = text.replace("$", "")
+    if text.replace(",", "").isdigit():
+        text = text.replace(",", "")
+    return text.strip()
+
+
+def math_dapo_reward(completion, ground_truth) -> float:
+    """Upstream's ``math_dapo`` rule: 1.0 when the last ``Answer: ...`` line among the completion's final
+    ``DAPO_TAIL_CHARS`` characters equals the ground truth after ``normalize_dapo_answer`` (exact string match, no
+    symbolic equivalence), else 0.0. Upstream's score is +1/-1 with accuracy 1/0; this returns the accuracy, which
+    is what upstream's validation averages and what its reward weighting uses (rewards > 0 count as 1)."""
+    if completion is None or ground_truth is None:
+        return 0.0
+    found = _DAPO_ANSWER_RE.findall(str(completion)[-DAPO_TAIL_CHARS:])
+    if not found:
+        return 0.0
+    return 1.0 if normalize_dapo_answer(found[-1]) == normalize_dapo_answer(str(ground_truth)) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 
-REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {"math": math_reward}
+REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {"math": math_reward, "math_dapo": math_dapo_reward}
+#: upstream's REWARD_FUNCTION names
+REWARD_ALIASES = {"math_reward": "math"}
 
 
 def get_reward_fn(name: str) -> Callable[..., float]:
     """The reward function registered under ``name`` (``REWARD_FUNCTIONS``); ValueError listing the known names."""
     key = str(name).strip().lower() if name is not None else ""
+    key = REWARD_ALIASES.get(key, key)
     if key not in REWARD_FUNCTIONS:
         raise ValueError(
             f"Unknown reward function {name!r}; available: {sorted(REWARD_FUNCTIONS)}. "

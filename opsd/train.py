@@ -1,9 +1,16 @@
 """Command-line entry point: `python -m opsd.train [--config run.yaml] [--flag value ...]`.
 
 Full-token on-policy distillation of a local student from a local teacher on a local prompt file. Every field of
-`DataArguments`, TRL's `ModelConfig` (student loading, LoRA/QLoRA) and `OPDConfig` (training, loss) is a flag and a
-YAML key; `--dry_run` prints the resolved configuration and exits. `tip_ext.train` reuses `main` with its selector
-arguments (this module never imports tip_ext).
+`DataArguments`, TRL's `ModelConfig` (student loading, LoRA/QLoRA), `OPDConfig` (training, loss, generation, vLLM)
+and `ValidationArguments` (in-training validation, opsd.validation) is a flag and a YAML key; `--dry_run` prints the
+resolved configuration and exits. `tip_ext.train` reuses `main` with its selector arguments (this module never
+imports tip_ext).
+
+Run safety: an output_dir that holds checkpoints is refused unless `--resume_from_checkpoint latest` (resume) or
+`--overwrite true` (delete them and start afresh); `latest` resumes from the newest *complete* checkpoint (one whose
+trainer_state.json, the file transformers writes last, is readable), so a kill during a save falls back to the one
+before; on a run whose final model is saved and whose step count is reached, `latest` reports it finished and
+returns without training. The final directory gets a model card naming the method, the selector and the papers.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .core.config import OPDConfig
+from .validation import ValidationArguments
+
+CHECKPOINT_PREFIX = "checkpoint-"
+SUMMARY_FILE = "run_summary.json"
 
 
 @dataclass
@@ -28,11 +39,13 @@ class DataArguments:
     eval_file: str | None = field(default=None, metadata={"help": "Optional local prompt file for evaluation."})
     prompt_column: str = field(default="prompt", metadata={"help": "Name of the prompt column."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    overwrite: bool = field(default=False, metadata={"help": "Start afresh in an output_dir that holds checkpoints "
+                                                     "of an earlier run: delete them first (OVERWRITE=1)."})
     dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration and exit."})
 
 
 def build_parser(extra: tuple = ()) -> TrlParser:
-    return TrlParser((DataArguments, ModelConfig, OPDConfig, *extra))
+    return TrlParser((DataArguments, ModelConfig, OPDConfig, ValidationArguments, *extra))
 
 
 def resolved_config(*configs) -> dict:
@@ -70,16 +83,142 @@ def load_models(model_args: ModelConfig, train_args: OPDConfig):
     return student, tokenizer, teacher_path, teacher_tokenizer, get_peft_config(model_args)
 
 
+def checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-N directories of output_dir, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(name[len(CHECKPOINT_PREFIX):]), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+             and os.path.isdir(os.path.join(output_dir, name))]
+    return [path for _, path in sorted(found)]
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """transformers writes a checkpoint's weights, optimizer, scheduler and RNG state first and trainer_state.json
+    last: a checkpoint is complete when that file parses and weights are present."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    names = os.listdir(path)
+    return any(n.startswith(("model", "pytorch_model", "adapter_model", "global_step")) for n in names)
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    for path in reversed(checkpoints(output_dir)):
+        if is_complete_checkpoint(path):
+            return path
+        print(f"[opsd.train] note: {path} is incomplete (interrupted save?); resuming from an earlier checkpoint",
+              file=sys.stderr)
+    return None
+
+
+def finished_run(output_dir: str, max_steps: int) -> dict | None:
+    """The summary of a run whose final model is saved and whose step count reaches max_steps (when > 0)."""
+    try:
+        with open(os.path.join(output_dir, SUMMARY_FILE)) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not summary.get("finished"):
+        return None
+    target = max_steps if max_steps > 0 else summary.get("max_steps", 0)
+    return summary if summary.get("global_step", -1) >= target else None
+
+
+def resolve_resume(train_args: OPDConfig, overwrite: bool):
+    """The resume_from_checkpoint value for trainer.train, or "finished"; refuses to mix a new run with old
+    checkpoints."""
+    output_dir, resume = train_args.output_dir, train_args.resume_from_checkpoint
+    old = checkpoints(output_dir)
+    if isinstance(resume, str) and resume.lower() in ("", "false", "none", "no", "0"):
+        resume = None
+    if resume is None:
+        if old and not overwrite:
+            raise SystemExit(
+                f"error: {output_dir} holds checkpoints of an earlier run ({os.path.basename(old[-1])} is the newest). "
+                "Resume it with RESUME=latest (--resume_from_checkpoint latest), or start afresh with OVERWRITE=1 "
+                "(--overwrite true, deletes those checkpoints), or pick another OUTPUT_DIR / RUN_ID.")
+        if overwrite:
+            import shutil
+
+            for path in old:
+                shutil.rmtree(path)
+            for name in (SUMMARY_FILE, "validation.jsonl"):
+                if os.path.exists(os.path.join(output_dir, name)):
+                    os.remove(os.path.join(output_dir, name))
+        return None
+    if isinstance(resume, str) and resume.lower() in ("true", "latest", "1", "yes"):
+        summary = finished_run(output_dir, train_args.max_steps)
+        if summary is not None:
+            return "finished"
+        path = latest_complete_checkpoint(output_dir)
+        if path is None:
+            raise SystemExit(f"error: RESUME=latest but {output_dir} holds no complete checkpoint to resume from; "
+                             "unset RESUME to start a new run there.")
+        return path
+    if not os.path.isdir(str(resume)):
+        raise SystemExit(f"error: --resume_from_checkpoint {resume}: no such checkpoint directory.")
+    return resume
+
+
+# selector name -> (method, paper); the card names the method a run used
+_METHODS = {
+    "teachability": ("TA-OPD (token teachability)", "Not All Disagreement Is Learnable, arXiv:2605.26844"),
+    "teachability_entropy": ("TA-OPD+Entropy", "Not All Disagreement Is Learnable, arXiv:2605.26844"),
+}
+_TIP = ("TIP (token importance in on-policy distillation)", "TIP, arXiv:2604.14084")
+
+
+def model_card_section(config: dict) -> str:
+    """Markdown appended to TRL's model card: the objective, the token selector and its settings, the papers."""
+    opd = config.get("OPDConfig", {})
+    lines = ["", "## Training method (opsd-tip)", "",
+             f"On-policy distillation (OPD) from a teacher: the student samples {opd.get('rollout_n', 1)} "
+             f"completion(s) per prompt and minimizes the per-token {opd.get('loss_type')} divergence to the teacher "
+             f"(normalization {opd.get('loss_normalization')}, reward weighting {opd.get('reward_weighting')}"
+             f"{', beta ' + str(opd.get('reward_beta')) if opd.get('reward_beta') else ''}).", ""]
+    selector = config.get("SelectorConfig")
+    if selector and selector.get("selector") not in (None, "none", "all"):
+        name = selector["selector"]
+        method, paper = _METHODS.get(name, _TIP)
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()) if v not in (None, "", {}))
+        lines += [f"Token selection: **{method}**, selector `{name}` ({settings}).", "",
+                  f"Papers: {paper}; on-policy distillation: Agarwal et al., ICLR 2024 (arXiv:2306.13649).", ""]
+    else:
+        lines += ["Token selection: none (full-token OPD). On-policy distillation: Agarwal et al., ICLR 2024 "
+                  "(arXiv:2306.13649).", ""]
+    return "\n".join(lines)
+
+
+def _check_vllm(train_args: OPDConfig) -> None:
+    import importlib.util
+
+    if train_args.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise SystemExit("error: --use_vllm true (USE_VLLM=1) but vLLM is not installed for this interpreter; "
+                         "pip install -r requirements-gpu.txt, or USE_VLLM=0 for transformers generation.")
+    if train_args.use_vllm and train_args.vllm_mode not in ("colocate", "server"):
+        raise SystemExit(f"error: --vllm_mode (VLLM_MODE) must be colocate or server, got {train_args.vllm_mode!r}.")
+
+
 def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callable | None = None,
          prog: str = "python -m opsd.train") -> dict:
     """Parse, build the trainer, train, save. `make_selector(extra_args, train_args)` returns a TokenSelector."""
     parser = build_parser(extra)
     parser.prog = prog
-    data_args, model_args, train_args, *extra_args = parser.parse_args_and_config(args=argv)
-    config = resolved_config(data_args, model_args, train_args, *extra_args)
+    data_args, model_args, train_args, val_args, *extra_args = parser.parse_args_and_config(args=argv)
+    config = resolved_config(data_args, model_args, train_args, val_args, *extra_args)
+    _check_vllm(train_args)
     if data_args.dry_run:
         print(json.dumps(config, indent=2, sort_keys=True))
         return {"config": config}
+    resume = resolve_resume(train_args, data_args.overwrite)
+    if resume == "finished":
+        summary = finished_run(train_args.output_dir, train_args.max_steps)
+        print(f"[opsd.train] {train_args.output_dir} is finished (step {summary['global_step']}, final model saved); "
+              "nothing to train. Raise --max_steps (MAX_STEPS) to continue, or OVERWRITE=1 to start afresh.")
+        return {"config": config, "finished": True, "global_step": summary["global_step"]}
 
     from .data import load_prompt_dataset
     from .core.trainer import OPDTrainer
@@ -92,21 +231,40 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
                     if data_args.eval_file else None)
     student, tokenizer, teacher_path, teacher_tokenizer, peft_config = load_models(model_args, train_args)
     selector = make_selector(*extra_args, train_args) if make_selector is not None else None
+    from .reward import get_reward_fn
+
+    # rollout accuracy is logged whenever the prompts have answers (every rollout is scored, as upstream's
+    # opd/accuracy; --reward_function none turns that off); weighting and validation use the same reward
+    name = train_args.reward_function or "math"
+    if name.lower() == "none" and (val_args.enabled or (train_args.reward_beta or 0) > 0):
+        raise SystemExit("error: --reward_function none, but validation and reward weighting need a reward.")
+    reward_fn = (get_reward_fn(name) if name.lower() != "none"
+                 and ("answer" in train_dataset.column_names or val_args.enabled) else None)
     init = dict(train_args.teacher_model_init_kwargs or {})
     init.setdefault("dtype", model_args.dtype or "float32")
     train_args.teacher_model_init_kwargs = init
     trainer = OPDTrainer(model=student, teacher_model=teacher_path, args=train_args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
-                         token_selector=selector, teacher_tokenizer=teacher_tokenizer)
-    resume = train_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = True
+                         token_selector=selector, teacher_tokenizer=teacher_tokenizer,
+                         reward_fn=reward_fn if "answer" in train_dataset.column_names else None)
+    trainer.model_card_extra = model_card_section(config)
+    validation = None
+    if val_args.enabled:
+        from .validation import ValidationCallback
+
+        validation = ValidationCallback(trainer, val_args, reward_fn)
+        trainer.add_callback(validation)
     result = trainer.train(resume_from_checkpoint=resume)
+    # the card first: with push_to_hub, save_model uploads the directory (card included) right away
+    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(train_args.output_dir)))
     trainer.save_model(train_args.output_dir)
     tokenizer.save_pretrained(train_args.output_dir)
-    summary = {"config": config, "train_metrics": result.metrics, "log_history": trainer.state.log_history}
+    summary = {"config": config, "train_metrics": result.metrics, "log_history": trainer.state.log_history,
+               "finished": True, "global_step": trainer.state.global_step, "max_steps": trainer.state.max_steps}
+    if validation is not None:
+        summary["validation"] = validation.history
     if trainer.accelerator.is_main_process:
-        with open(os.path.join(train_args.output_dir, "run_summary.json"), "w") as f:
+        with open(os.path.join(train_args.output_dir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     return summary
 

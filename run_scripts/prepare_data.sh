@@ -4,21 +4,25 @@
 #   INPUT=data/raw/dapo-math-17k.parquet OUTPUT_DIR=data/dapo bash run_scripts/prepare_data.sh
 #   INPUT=data/raw/math500.jsonl OUTPUT_DIR=data/math500 SPLIT_NAME=test bash run_scripts/prepare_data.sh
 #
-# Environment variables (defaults in brackets):
+# Variables, default in brackets:
 #   INPUT          local .jsonl / .json / .parquet file (required)
 #   OUTPUT_DIR     output directory (required)
-#   LAYOUT         auto | dapo | math500 | aime24 | aime25 | generic          [auto]
-#   INSTRUCTION    boxed | dapo | none | custom text containing {question}  [boxed]
-#   VAL_FRACTION   fraction of rows written to validation.jsonl              [0]
-#   SEED           seed of the validation split                              [0]
-#   SPLIT_NAME     name of the main output file                              [train]
-#   LIMIT          keep only the first N cleaned rows                        [all]
+#   LAYOUT         [auto] auto | dapo | math500 | aime24 | aime25 | generic
+#   INSTRUCTION    [boxed] boxed | dapo | none | upstream | custom text containing {question}
+#   VAL_FRACTION   [0] fraction of rows written to validation.jsonl (random subset, input order kept)
+#   TRAIN_RATIO    [unset] upstream's split instead: shuffled with SEED, first int(n x ratio) rows for training
+#   SEED           [0] seed of the validation split (upstream: 42)
+#   SPLIT_NAME     [train] name of the main output file
+#   LIMIT          [all] keep only the first N cleaned rows
+#   PYTHON_BIN     [$VENV/bin/python, else python3]
+#   VENV           [.venv]
 # Extra arguments are passed on to `python -m opsd.data` (see `python -m opsd.data --help`), e.g.
 #   --no-conversational, --question_column q --answer_column a.
 set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+opsd_help "${BASH_SOURCE[0]}" "$@"
+cd "$OPSD_ROOT"
+opsd_python
 
 : "${INPUT:?set INPUT=path/to/raw/file (.jsonl, .json or .parquet)}"
 : "${OUTPUT_DIR:?set OUTPUT_DIR=directory for the prepared files}"
@@ -28,12 +32,6 @@ VAL_FRACTION="${VAL_FRACTION:-0}"
 SEED="${SEED:-0}"
 SPLIT_NAME="${SPLIT_NAME:-train}"
 LIMIT="${LIMIT:-}"
-
-if [[ -x "$ROOT/.venv/bin/python" ]]; then
-  PYTHON="$ROOT/.venv/bin/python"
-else
-  PYTHON="python3"
-fi
 
 CMD=("$PYTHON" -m opsd.data
   --input "$INPUT"
@@ -45,6 +43,9 @@ CMD=("$PYTHON" -m opsd.data
   --split_name "$SPLIT_NAME")
 if [[ -n "$LIMIT" ]]; then
   CMD+=(--limit "$LIMIT")
+fi
+if [[ -n "${TRAIN_RATIO:-}" ]]; then
+  CMD+=(--train_ratio "$TRAIN_RATIO")
 fi
 CMD+=("$@")
 

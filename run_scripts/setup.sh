@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Idempotent environment setup: a virtualenv in .venv with the CPU-safe requirements; GPU extras only where a GPU is.
-# Re-running is cheap: a stamp of the requirement files skips pip when nothing changed. VENV=path overrides the
-# location; WITH_TEST_EXTRAS=1 also installs requirements-test.txt (run_scripts/test.sh sets it).
+# Idempotent environment setup: a virtualenv with the CPU-safe requirements; GPU extras only where a GPU is.
+# Re-running is cheap: a stamp of the requirement files skips pip when nothing changed.
+#
+# Variables, default in brackets:
+#   VENV              [.venv] location of the virtualenv
+#   PYTHON            [python3] interpreter that creates it
+#   TORCH_VERSION     [2.13.0] torch installed first when the venv has none
+#   WITH_TEST_EXTRAS  [0] 1 = also install requirements-test.txt (run_scripts/test.sh sets it)
+#   FORCE_SETUP       [0] 1 = reinstall even when the stamp matches
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+opsd_help "${BASH_SOURCE[0]}" "$@"
+cd "$OPSD_ROOT"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
@@ -29,7 +37,7 @@ if [ "${WITH_TEST_EXTRAS:-0}" = 1 ]; then
   echo "[setup] installing requirements-test.txt"
   $PIP install -q -r requirements-test.txt
 fi
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if [ "$(opsd_gpu_count)" -gt 0 ]; then
   echo "[setup] GPU found: installing requirements-gpu.txt (failures of optional extras are reported, not fatal)"
   $PIP install -q -r requirements-gpu.txt || echo "[setup] warning: some GPU extras failed to install"
 fi

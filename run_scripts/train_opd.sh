@@ -1,91 +1,341 @@
 #!/usr/bin/env bash
-# Full-token on-policy distillation (the baseline), driven by upstream's environment variables.
+# Full-token on-policy distillation (the baseline), driven by the environment variables of upstream's
+# scripts/opd/train_opd.sh (HJSang/OPSD_OnPolicyDistillation), with upstream's meaning.
 #
-#   MODEL_PATH=/models/Qwen3-1.7B TEACHER_MODEL_PATH=/models/Qwen3-8B DATA_DIR=data/dapo \
+#   MODEL_PATH=/models/Qwen3-1.7B TEACHER_MODEL_PATH=/models/Qwen3-8B DATA_DIR=data \
 #     bash run_scripts/train_opd.sh [extra python -m opsd.train flags]
+#   bash run_scripts/train_opd.sh --help
 #
-# Variables (default): MODEL_PATH (required), TEACHER_MODEL_PATH (required), DATA_DIR (data) -> $DATA_DIR/train.jsonl
-# unless TRAIN_FILE is set, OUTPUT_DIR (runs/opd-<time>), OPD_LOSS_TYPE (reverse_kl), OPD_JSD_BETA (0.5),
-# OPD_CHUNK_SIZE (512), OPD_MAX_LENGTH (MAX_PROMPT_LENGTH+MAX_RESPONSE_LENGTH cap: truncates prompts so that
-# prompt+response fits), OPD_REWARD_BETA (off), OPD_LOSS_NORMALIZATION (kept_tokens), LEARNING_RATE (1e-6),
-# TRAIN_BATCH_SIZE (generation batch per optimizer step, 16), PPO_MICRO_BATCH_SIZE_PER_GPU (4), TOTAL_EPOCHS (1),
-# MAX_STEPS (-1 = epochs), MAX_PROMPT_LENGTH (1024), MAX_RESPONSE_LENGTH (1024), ROLLOUT_N (1), ENABLE_THINKING
-# (unset), TEMPERATURE (1.0), DTYPE (bfloat16 on GPU, float32 otherwise), SAVE_STEPS (200), SEED (42),
-# NPROC (GPUs per node for accelerate launch; 1 = plain python), ACCELERATE_CONFIG (run_scripts/accelerate/*.yaml),
-# DRY_RUN=1 prints the resolved configuration and exits.
+# Variables, default in brackets; "upstream: X" marks a default that differs from upstream's script (README,
+# "Run-script variables", says why). Every upstream variable is honoured, or refused / noted on stderr.
+# Models
+#   MODEL_PATH                     student model directory (required)
+#   TEACHER_MODEL_PATH             teacher model directory (required)
+#   MODEL_NAME                     [basename of MODEL_PATH] names the run; "qwen" in it turns thinking off
+# Data
+#   DATA_DIR                       [data] a prepared directory (train.jsonl/.parquet/.json), or upstream's raw root
+#                                  (DAPO-Math-17k-dedup/, MATH-500/, AIME_2024/, AIME_2025/), prepared on each run
+#                                  into $DATA_DIR/opsd_processed through python -m opsd.data
+#   TRAIN_FILE                     [from DATA_DIR] prompt file or directory; overrides DATA_DIR
+#   DAPO_TRAIN_RATIO               [0.8] upstream's train share of DAPO-Math (shuffled with seed DATA_SEED)
+#   DATA_SEED                      [42] seed of that split
+#   PREP_INSTRUCTION               [upstream] prompt wording of the raw preparation (opsd.data --instruction)
+#   VAL_FILES                      [the prepared val_math500/val_aime24/val_aime25 files found] [NAME=]FILE list
+# Run directory
+#   OUTPUT_ROOT                    [outputs] parent of the run directory
+#   RUN_ID                         [local] part of the run name
+#   EXP_NAME                       [upstream's name: MODEL-RUN_ID-OPD-LOSS[-rwbetaB]-teacher-T-THINK-lrLR-bsB-nN]
+#   OUTPUT_DIR                     [$OUTPUT_ROOT/$EXP_NAME] the run directory itself
+#   RESUME                         [unset] latest (newest complete checkpoint) or a checkpoint directory
+#   OVERWRITE                      [0] 1 = delete the checkpoints of an earlier run in OUTPUT_DIR and start afresh
+# Batch and optimization
+#   TRAIN_BATCH_SIZE               [16, upstream: 256] prompts per optimizer step (each with ROLLOUT_N completions)
+#   ROLLOUT_N                      [1] completions per prompt
+#   PPO_MICRO_BATCH_SIZE_PER_GPU   [4] completions per forward/backward pass and GPU
+#   PPO_MINI_BATCH_SIZE            [unset] accepted with a note: upstream's OPD update takes one optimizer step
+#                                  per batch whatever it says, and so does this script
+#   LEARNING_RATE                  [1e-6]
+#   LR_SCHEDULER_TYPE              [constant] upstream: constant, no warm-up
+#   WEIGHT_DECAY                   [0.1] upstream's AdamW weight decay
+#   TOTAL_EPOCHS                   [1, upstream: 15]
+#   MAX_STEPS                      [-1 = TOTAL_EPOCHS]
+#   MAX_PROMPT_LENGTH              [1024, upstream: 2048] longer prompts are cut from the left
+#   MAX_RESPONSE_LENGTH            [1024, upstream: 8192]
+#   OPD_MAX_LENGTH                 [unset] cap of prompt+response: shortens MAX_PROMPT_LENGTH to fit
+#   SEED                           [42]
+# Loss
+#   OPD_LOSS_TYPE                  [reverse_kl] reverse_kl | forward_kl | jsd
+#   OPD_JSD_BETA                   [0.5]
+#   OPD_CHUNK_SIZE                 [512, upstream script: 256] rows per chunk of the divergence
+#   OPD_LOSS_NORMALIZATION         [kept_tokens] kept_tokens | all_tokens | sequence (global over the step)
+#   OPD_REWARD_BETA                [unset = off] reward weighting w = n softmax(r / beta)
+#   OPD_REWARD_WEIGHTING           [global] global | upstream (upstream's per-micro-batch objective)
+#   REWARD_FUNCTION                [math] math | math_dapo (upstream names math_reward / math_dapo accepted)
+# Sampling of the training rollouts
+#   TEMPERATURE                    [1.0]
+#   TOP_P                          [1.0]
+#   TOP_K                          [-1 = off]
+#   ENABLE_THINKING                [True] upstream: names the run and picks VAL_TEMPERATURE; for Qwen models the
+#                                  chat template gets enable_thinking=False whatever it says, as upstream does
+#   FORCE_ENABLE_THINKING          [0] 1 = pass enable_thinking=True to the chat template (turns thinking on)
+# In-training validation (opsd.validation)
+#   TEST_FREQ                      [0 = off, upstream: 5] validate every N steps and at the last step
+#   VAL_BEFORE_TRAIN               [False] validate once before the first step
+#   VAL_N                          [16] samples per validation problem (mean@n, pass@j)
+#   VAL_TEMPERATURE                [0.6 when ENABLE_THINKING is True, else 0.7] (upstream's rule)
+#   VAL_TOP_P                      [0.8]
+#   VAL_TOP_K                      [20]
+#   VAL_MAX_NEW_TOKENS             [MAX_RESPONSE_LENGTH]
+#   VAL_LIMIT                      [unset = all] first N problems of each validation file
+#   VAL_BATCH_SIZE                 [64] sequences per generate call
+# Saving and logging
+#   SAVE_FREQ                      [200, upstream: 20] checkpoint every N steps (SAVE_STEPS is the old name)
+#   LOGGING_STEPS                  [1]
+#   REPORT_TO                      [none] none | tensorboard | trackio | wandb (comma-separated)
+#   PUSH_TO_HUB                    [0] 1 = push the final model (HUB_MODEL_ID names the repository)
+#   HUB_MODEL_ID                   [unset]
+# Rollout engine
+#   USE_VLLM                       [0] 1 = vLLM rollouts (TRL), auto = when vLLM is installed and a GPU is present
+#   VLLM_MODE                      [colocate] colocate | server
+#   VLLM_SERVER_URL                [unset] server mode: base URL of `trl vllm-serve`
+#   TP_SIZE                        [1] vLLM tensor-parallel size (needs USE_VLLM)
+#   GPU_MEMORY_UTIL                [0.3, upstream: 0.7] vLLM colocate memory share (needs USE_VLLM)
+# Processes and runtime
+#   NPROC                          [1] processes (GPUs) per node; >1 launches through accelerate (GPU) or
+#                                  torch.distributed.run (CPU), with the interpreter resolved below
+#   ACCELERATE_CONFIG              [unset] run_scripts/accelerate/*.yaml
+#   MASTER_PORT                    [random in 29500-39999] rendezvous port of multi-process runs
+#   DTYPE                          [bfloat16 on GPU, float32 otherwise]
+#   PRESET                         [unset] load run_scripts/presets/$PRESET.env (python -m opsd.presets list)
+#   PYTHON_BIN                     [$VENV/bin/python, else python3] interpreter
+#   VENV                           [.venv]
+#   OPD_ENTRY                      [opsd.train] python module to run (train_tip.sh sets tip_ext.train)
+#   EXTRA_ARGS                     [unset] more python -m opsd.train flags
+#   DRY_RUN                        [0] 1 = check the settings, print the resolved configuration, exit
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# PRESET=name loads run_scripts/presets/name.env (python -m opsd.presets list); its values replace the same
-# variables from the environment, so change a preset by editing a copy of its file.
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+opsd_help "${BASH_SOURCE[0]}" "$@"
+cd "$OPSD_ROOT"
+# PRESET=name loads run_scripts/presets/name.env; its values replace the same variables from the environment
+# (MODEL_PATH, TEACHER_MODEL_PATH and DATA_DIR keep a value already set), so edit a copy to change a preset.
 if [ -n "${PRESET:-}" ]; then
-  [ -f "run_scripts/presets/$PRESET.env" ] || { echo "unknown PRESET $PRESET (python -m opsd.presets list)" >&2; exit 2; }
+  [ -f "run_scripts/presets/$PRESET.env" ] || opsd_die "unknown PRESET $PRESET (python -m opsd.presets list)"
   set -a; . "run_scripts/presets/$PRESET.env"; set +a
 fi
-VENV=${VENV:-.venv}
-PY=${PYTHON_BIN:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python3)}
+opsd_python
 ENTRY=${OPD_ENTRY:-opsd.train}
+DRY=$(opsd_bool DRY_RUN "${DRY_RUN:-0}")
 
+# ----- models --------------------------------------------------------------------------------------------------
 : "${MODEL_PATH:?set MODEL_PATH to the local student model directory}"
 : "${TEACHER_MODEL_PATH:?set TEACHER_MODEL_PATH to the local teacher model directory}"
+[ -d "$MODEL_PATH" ] || opsd_die "MODEL_PATH=$MODEL_PATH is not a directory (a local student model is needed)"
+[ -d "$TEACHER_MODEL_PATH" ] || opsd_die "TEACHER_MODEL_PATH=$TEACHER_MODEL_PATH is not a directory"
+MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL_PATH")}
+ENABLE_THINKING=${ENABLE_THINKING:-True}
+THINKING=$(opsd_bool ENABLE_THINKING "$ENABLE_THINKING")
+FORCE_THINKING=$(opsd_bool FORCE_ENABLE_THINKING "${FORCE_ENABLE_THINKING:-0}")
+
+# ----- data ----------------------------------------------------------------------------------------------------
 DATA_DIR=${DATA_DIR:-data}
-TRAIN_FILE=${TRAIN_FILE:-$DATA_DIR/train.jsonl}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/opd-$(date +%Y%m%d-%H%M%S)}
+RAW_DAPO=$DATA_DIR/DAPO-Math-17k-dedup/distinct-prompts-with-rewards.parquet
+PREPARED=$DATA_DIR/opsd_processed
+has_train() { compgen -G "$1/train.jsonl" >/dev/null || compgen -G "$1/train.parquet" >/dev/null \
+  || compgen -G "$1/train.json" >/dev/null; }
+prepare() {  # prepare INPUT SPLIT [opsd.data flags]: one raw file into $PREPARED/SPLIT.jsonl
+  local input=$1 split=$2; shift 2
+  "$PYTHON" -m opsd.data --input "$input" --output_dir "$PREPARED" --instruction "${PREP_INSTRUCTION:-upstream}" \
+    --split_name "$split" --seed "${DATA_SEED:-42}" "$@" >&2 || opsd_die "preparing $input failed (see above)"
+}
+if [ -n "${TRAIN_FILE:-}" ]; then
+  [ -e "$TRAIN_FILE" ] || opsd_die "TRAIN_FILE=$TRAIN_FILE does not exist"
+  VAL_DIR=$(dirname "$TRAIN_FILE")
+elif has_train "$DATA_DIR"; then
+  TRAIN_FILE=$DATA_DIR
+  VAL_DIR=$DATA_DIR
+elif [ -f "$RAW_DAPO" ]; then
+  TRAIN_FILE=$PREPARED
+  VAL_DIR=$PREPARED
+  [ "$DRY" = true ] && opsd_log "DRY_RUN: would prepare $DATA_DIR (upstream's raw layout) into $PREPARED"
+  if [ "$DRY" = false ]; then
+    opsd_log "preparing upstream's raw data in $DATA_DIR into $PREPARED (DAPO ${DAPO_TRAIN_RATIO:-0.8} train split)"
+    prepare "$RAW_DAPO" train --layout dapo --train_ratio "${DAPO_TRAIN_RATIO:-0.8}"
+    mv "$PREPARED/validation.jsonl" "$PREPARED/val_dapo.jsonl"
+  fi
+  planned=""
+  for pair in "MATH-500/test.jsonl:val_math500" "AIME_2024/aime_2024_problems.parquet:val_aime24" \
+              "AIME_2025/train.jsonl:val_aime25"; do
+    if [ -f "$DATA_DIR/${pair%%:*}" ]; then
+      [ "$DRY" = false ] && prepare "$DATA_DIR/${pair%%:*}" "${pair##*:}"
+      name=${pair##*:}; planned="$planned ${name#val_}=$PREPARED/$name.jsonl"
+    else
+      opsd_note "$DATA_DIR/${pair%%:*} not found: no ${pair##*:} validation set (upstream stops here)"
+    fi
+  done
+  VAL_FILES=${VAL_FILES:-${planned# }}
+else
+  opsd_die "DATA_DIR=$DATA_DIR holds neither a prepared train file (train.jsonl/.parquet/.json) nor upstream's raw
+  layout ($RAW_DAPO); set DATA_DIR or TRAIN_FILE (run_scripts/prepare_data.sh prepares other files)"
+fi
+if [ -z "${VAL_FILES:-}" ]; then
+  VAL_FILES=""
+  for name in val_math500 val_aime24 val_aime25; do
+    [ -f "$VAL_DIR/$name.jsonl" ] && VAL_FILES="$VAL_FILES ${name#val_}=$VAL_DIR/$name.jsonl"
+  done
+  VAL_FILES=${VAL_FILES# }
+fi
+
+# ----- batch ---------------------------------------------------------------------------------------------------
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-16}
+ROLLOUT_N=${ROLLOUT_N:-1}
+MICRO=${PPO_MICRO_BATCH_SIZE_PER_GPU:-4}
+NPROC=${NPROC:-1}
+for v in TRAIN_BATCH_SIZE ROLLOUT_N PPO_MICRO_BATCH_SIZE_PER_GPU NPROC; do
+  value=${!v:-}; [ "$v" = PPO_MICRO_BATCH_SIZE_PER_GPU ] && value=$MICRO
+  opsd_int "$v" "$value"; [ "$value" -ge 1 ] || opsd_die "$v must be >= 1, got $value"
+done
+COMPLETIONS=$((TRAIN_BATCH_SIZE * ROLLOUT_N))
+PER_PASS=$((MICRO * NPROC))
+[ $((TRAIN_BATCH_SIZE % NPROC)) -eq 0 ] || opsd_die "TRAIN_BATCH_SIZE ($TRAIN_BATCH_SIZE prompts) must be a multiple \
+of NPROC ($NPROC) so that each process gets whole prompts with their ROLLOUT_N completions"
+[ $((COMPLETIONS % PER_PASS)) -eq 0 ] || opsd_die "TRAIN_BATCH_SIZE x ROLLOUT_N ($TRAIN_BATCH_SIZE x $ROLLOUT_N = \
+$COMPLETIONS completions) must be a multiple of PPO_MICRO_BATCH_SIZE_PER_GPU x NPROC ($MICRO x $NPROC); change \
+ROLLOUT_N, TRAIN_BATCH_SIZE or PPO_MICRO_BATCH_SIZE_PER_GPU"
+GRAD_ACC=$((COMPLETIONS / PER_PASS))
+if [ -n "${PPO_MINI_BATCH_SIZE:-}" ]; then
+  opsd_note "PPO_MINI_BATCH_SIZE=$PPO_MINI_BATCH_SIZE has no effect: upstream's OPD update (opd_worker.update_opd) \
+takes one optimizer step per TRAIN_BATCH_SIZE batch whatever it says, and so does this script"
+fi
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-1024}
 MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-1024}
 if [ -n "${OPD_MAX_LENGTH:-}" ] && [ $((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)) -gt "$OPD_MAX_LENGTH" ]; then
   MAX_PROMPT_LENGTH=$((OPD_MAX_LENGTH - MAX_RESPONSE_LENGTH))
-  [ "$MAX_PROMPT_LENGTH" -gt 0 ] || { echo "OPD_MAX_LENGTH must exceed MAX_RESPONSE_LENGTH" >&2; exit 2; }
+  [ "$MAX_PROMPT_LENGTH" -gt 0 ] || opsd_die "OPD_MAX_LENGTH ($OPD_MAX_LENGTH) must exceed MAX_RESPONSE_LENGTH"
+  opsd_note "OPD_MAX_LENGTH=$OPD_MAX_LENGTH: prompts cut to $MAX_PROMPT_LENGTH tokens"
 fi
-TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-16}
-MICRO=${PPO_MICRO_BATCH_SIZE_PER_GPU:-4}
-NPROC=${NPROC:-1}
-per_step=$((MICRO * NPROC))
-if [ $((TRAIN_BATCH_SIZE % per_step)) -ne 0 ]; then
-  echo "TRAIN_BATCH_SIZE ($TRAIN_BATCH_SIZE) must be a multiple of PPO_MICRO_BATCH_SIZE_PER_GPU x NPROC ($per_step)" >&2
-  exit 2
+LEARNING_RATE=${LEARNING_RATE:-1e-6}
+OPD_LOSS_TYPE=${OPD_LOSS_TYPE:-reverse_kl}
+
+# ----- run directory (upstream's experiment name) --------------------------------------------------------------
+RUN_ID=${RUN_ID:-local}
+if [ "$THINKING" = true ]; then THINK_TAG=thinking; else THINK_TAG=nothink; fi
+TEACHER_NAME=$(basename "$(dirname "$TEACHER_MODEL_PATH")")  # upstream names the teacher by the parent directory
+EXP_NAME=${EXP_NAME:-$(echo "$MODEL_NAME" | tr '/' '_')-$RUN_ID-OPD-$OPD_LOSS_TYPE${OPD_REWARD_BETA:+-rwbeta$OPD_REWARD_BETA}${EXP_TAG:-}-teacher-$TEACHER_NAME-$THINK_TAG-lr$LEARNING_RATE-bs$TRAIN_BATCH_SIZE-n$ROLLOUT_N}
+OUTPUT_ROOT=${OUTPUT_ROOT:-outputs}
+OUTPUT_DIR=${OUTPUT_DIR:-$OUTPUT_ROOT/$EXP_NAME}
+
+# ----- chat template: upstream turns thinking off for Qwen models -------------------------------------------------
+template_args=()
+if [ "$FORCE_THINKING" = true ]; then
+  template_args=(--enable_thinking true)
+elif [[ "$MODEL_NAME" == *[Qq]wen* ]]; then
+  template_args=(--enable_thinking false)
+  [ "$THINKING" = true ] && opsd_note "MODEL_NAME $MODEL_NAME is a Qwen model: enable_thinking=False for the chat \
+template although ENABLE_THINKING=$ENABLE_THINKING (as upstream); FORCE_ENABLE_THINKING=1 turns it on"
 fi
-GRAD_ACC=$((TRAIN_BATCH_SIZE / per_step))
+
+# ----- validation ----------------------------------------------------------------------------------------------
+TEST_FREQ=${TEST_FREQ:-0}
+opsd_int TEST_FREQ "$TEST_FREQ"
+VAL_BEFORE=$(opsd_bool VAL_BEFORE_TRAIN "${VAL_BEFORE_TRAIN:-False}")
+if [ "$THINKING" = true ]; then VAL_TEMPERATURE=${VAL_TEMPERATURE:-0.6}; else VAL_TEMPERATURE=${VAL_TEMPERATURE:-0.7}; fi
+val_args=()
+if [ "$TEST_FREQ" -gt 0 ] || [ "$VAL_BEFORE" = true ]; then
+  [ -n "$VAL_FILES" ] || opsd_die "TEST_FREQ=$TEST_FREQ / VAL_BEFORE_TRAIN=${VAL_BEFORE_TRAIN:-False} need validation files: \
+set VAL_FILES, or use upstream's raw DATA_DIR (MATH-500/, AIME_2024/, AIME_2025/)"
+  read -r -a val_list <<< "$VAL_FILES"
+  if [ "$DRY" = false ] || [ -z "${planned:-}" ]; then  # a dry run of a raw DATA_DIR has not prepared them yet
+    for spec in "${val_list[@]}"; do
+      file=$spec; [[ "$spec" == *=* && ! -e "$spec" ]] && file=${spec#*=}
+      [ -e "$file" ] || opsd_die "VAL_FILES entry $spec: $file does not exist"
+    done
+  fi
+  val_args=(--val_files "${val_list[@]}" --test_freq "$TEST_FREQ" --val_before_train "$VAL_BEFORE"
+            --val_n "${VAL_N:-16}" --val_temperature "$VAL_TEMPERATURE" --val_top_p "${VAL_TOP_P:-0.8}"
+            --val_top_k "${VAL_TOP_K:-20}" --val_max_new_tokens "${VAL_MAX_NEW_TOKENS:-$MAX_RESPONSE_LENGTH}"
+            --val_batch_size "${VAL_BATCH_SIZE:-64}" --val_seed "${SEED:-42}")
+  [ -n "${VAL_LIMIT:-}" ] && val_args+=(--val_limit "$VAL_LIMIT")
+else
+  for v in VAL_N VAL_TOP_P VAL_TOP_K VAL_LIMIT VAL_MAX_NEW_TOKENS; do
+    [ -n "${!v:-}" ] && opsd_note "$v is set but validation is off (TEST_FREQ=0, VAL_BEFORE_TRAIN false): unused"
+  done
+fi
+
+# ----- rollout engine ------------------------------------------------------------------------------------------
+GPUS=$(opsd_gpu_count)
+USE_VLLM=${USE_VLLM:-0}
+if [ "$USE_VLLM" = auto ]; then
+  if [ "$GPUS" -gt 0 ] && opsd_has_module vllm; then USE_VLLM=1; else USE_VLLM=0; fi
+  opsd_log "USE_VLLM=auto -> $USE_VLLM"
+fi
+VLLM=$(opsd_bool USE_VLLM "$USE_VLLM")
+TP_SIZE=${TP_SIZE:-1}
+opsd_int TP_SIZE "$TP_SIZE"
+vllm_args=()
+if [ "$VLLM" = true ]; then
+  opsd_has_module vllm || opsd_die "USE_VLLM=$USE_VLLM but $PYTHON cannot import vllm; pip install -r \
+requirements-gpu.txt, or USE_VLLM=0 for transformers generation"
+  VLLM_MODE=${VLLM_MODE:-colocate}
+  case "$VLLM_MODE" in colocate|server) ;; *) opsd_die "VLLM_MODE must be colocate or server, got $VLLM_MODE" ;; esac
+  vllm_args=(--use_vllm true --vllm_mode "$VLLM_MODE" --vllm_tensor_parallel_size "$TP_SIZE"
+             --vllm_gpu_memory_utilization "${GPU_MEMORY_UTIL:-0.3}")
+  [ -n "${VLLM_SERVER_URL:-}" ] && vllm_args+=(--vllm_server_base_url "$VLLM_SERVER_URL")
+else
+  [ "$TP_SIZE" -eq 1 ] || opsd_die "TP_SIZE=$TP_SIZE is vLLM's tensor parallelism: set USE_VLLM=1 (transformers \
+generation runs one copy of the student per process)"
+  [ -n "${GPU_MEMORY_UTIL:-}" ] && opsd_note "GPU_MEMORY_UTIL=$GPU_MEMORY_UTIL sizes vLLM's cache; without \
+USE_VLLM=1 the rollouts use transformers generate and it has no effect"
+  [ -n "${VLLM_MODE:-}" ] && opsd_note "VLLM_MODE=$VLLM_MODE has no effect without USE_VLLM=1"
+fi
+
+# ----- the rest ------------------------------------------------------------------------------------------------
 if [ -z "${DTYPE:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DTYPE=bfloat16; else DTYPE=float32; fi
+  if [ "$GPUS" -gt 0 ]; then DTYPE=bfloat16; else DTYPE=float32; fi
 fi
+REWARD_FUNCTION=${REWARD_FUNCTION:-math}
+[ "$REWARD_FUNCTION" = math_reward ] && REWARD_FUNCTION=math
+TOP_K=${TOP_K:--1}
+opsd_int TOP_K "$TOP_K"
+[ "$TOP_K" -lt 0 ] && TOP_K=0  # upstream's -1 = off is TRL's 0
+SAVE=${SAVE_FREQ:-${SAVE_STEPS:-200}}
+MASTER_PORT=${MASTER_PORT:-$((29500 + RANDOM % 10500))}
+export MASTER_PORT
 args=(
   --model_name_or_path "$MODEL_PATH"
   --teacher_model_name_or_path "$TEACHER_MODEL_PATH"
   --train_file "$TRAIN_FILE"
   --output_dir "$OUTPUT_DIR"
-  --loss_type "${OPD_LOSS_TYPE:-reverse_kl}"
+  --loss_type "$OPD_LOSS_TYPE"
   --jsd_beta "${OPD_JSD_BETA:-0.5}"
   --chunk_size "${OPD_CHUNK_SIZE:-512}"
   --loss_normalization "${OPD_LOSS_NORMALIZATION:-kept_tokens}"
-  --learning_rate "${LEARNING_RATE:-1e-6}"
+  --reward_weighting "${OPD_REWARD_WEIGHTING:-global}"
+  --reward_function "$REWARD_FUNCTION"
+  --learning_rate "$LEARNING_RATE"
+  --lr_scheduler_type "${LR_SCHEDULER_TYPE:-constant}"
+  --weight_decay "${WEIGHT_DECAY:-0.1}"
   --per_device_train_batch_size "$MICRO"
   --gradient_accumulation_steps "$GRAD_ACC"
   --num_train_epochs "${TOTAL_EPOCHS:-1}"
   --max_steps "${MAX_STEPS:--1}"
   --max_prompt_length "$MAX_PROMPT_LENGTH"
   --max_completion_length "$MAX_RESPONSE_LENGTH"
-  --rollout_n "${ROLLOUT_N:-1}"
+  --rollout_n "$ROLLOUT_N"
   --temperature "${TEMPERATURE:-1.0}"
+  --top_p "${TOP_P:-1.0}"
+  --top_k "$TOP_K"
   --dtype "$DTYPE"
   --bf16 "$([ "$DTYPE" = bfloat16 ] && echo true || echo false)"
-  --save_steps "${SAVE_STEPS:-200}"
+  --save_steps "$SAVE"
   --logging_steps "${LOGGING_STEPS:-1}"
   --seed "${SEED:-42}"
   --report_to "${REPORT_TO:-none}"
+  --overwrite "$(opsd_bool OVERWRITE "${OVERWRITE:-0}")"
 )
-[ -n "${ENABLE_THINKING:-}" ] && args+=(--enable_thinking "$ENABLE_THINKING")
-[ -n "${OPD_REWARD_BETA:-}" ] && args+=(--reward_beta "$OPD_REWARD_BETA" --reward_function "${REWARD_FUNCTION:-math}")
+args+=("${template_args[@]}" "${val_args[@]}" "${vllm_args[@]}")
+[ -n "${OPD_REWARD_BETA:-}" ] && args+=(--reward_beta "$OPD_REWARD_BETA")
 [ -n "${RESUME:-}" ] && args+=(--resume_from_checkpoint "$RESUME")
-[ "${DRY_RUN:-0}" = 1 ] && args+=(--dry_run)
+if [ "$(opsd_bool PUSH_TO_HUB "${PUSH_TO_HUB:-0}")" = true ]; then
+  args+=(--push_to_hub true)
+  [ -n "${HUB_MODEL_ID:-}" ] && args+=(--hub_model_id "$HUB_MODEL_ID")
+fi
+[ "$DRY" = true ] && args+=(--dry_run)
+# shellcheck disable=SC2206  # EXTRA_ARGS is a flag list split on spaces
 args+=(${EXTRA_ARGS:-} "$@")
 
-if [ "$NPROC" -gt 1 ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
-  # CPU processes (gloo): torchrun; `accelerate launch --cpu --num_processes N` starts one process (accelerate 1.15)
-  cmd=("$VENV/bin/torchrun" --nproc_per_node "$NPROC" -m "$ENTRY" --use_cpu true)
+opsd_log "run: $OUTPUT_DIR; $TRAIN_BATCH_SIZE prompts x $ROLLOUT_N completions per step ($NPROC process(es) x \
+$MICRO per pass x $GRAD_ACC accumulation); validation: $([ ${#val_args[@]} -gt 0 ] && echo "every $TEST_FREQ steps on \
+$VAL_FILES" || echo off); rollouts: $([ "$VLLM" = true ] && echo "vLLM $VLLM_MODE, TP $TP_SIZE" || echo \
+"transformers generate")"
+if [ "$NPROC" -gt 1 ] && [ "$GPUS" -eq 0 ]; then
+  # CPU processes (gloo): torch.distributed.run of the resolved interpreter (accelerate launch --cpu starts one)
+  cmd=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" -m "$ENTRY"
+       --use_cpu true)
 elif [ "$NPROC" -gt 1 ]; then
-  cmd=("$VENV/bin/accelerate" launch --num_processes "$NPROC" ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} -m "$ENTRY")
+  cmd=("$PYTHON" -m accelerate.commands.launch --num_processes "$NPROC" --main_process_port "$MASTER_PORT"
+       ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} -m "$ENTRY")
 else
-  cmd=("$PY" -m "$ENTRY")
+  cmd=("$PYTHON" -m "$ENTRY")
 fi
 echo "[train] ${cmd[*]} ${args[*]}"
 exec "${cmd[@]}" "${args[@]}"

@@ -235,3 +235,42 @@ class SaveGradients(TrainerCallback):
         self.grads.append(grads)
         if self.path:
             torch.save(grads, self.path)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}a:{% endif %}")
+
+
+def add_chat_template(*model_dirs: str) -> None:
+    """Give saved tiny models' tokenizers a minimal chat template (conversational prompt files need one)."""
+    for path in model_dirs:
+        tok = load_tokenizer(path)
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(path)
+
+
+def write_upstream_raw(root: str, n_dapo: int = 20, n_val: int = 3) -> str:
+    """Upstream's raw data root in miniature: DAPO-Math-17k-dedup parquet (DAPO-worded prompt messages and
+    reward_model.ground_truth), MATH-500/test.jsonl, AIME_2024 parquet (problem + worked solution), AIME_2025
+    jsonl. Questions use the tiny tokenizer's characters."""
+    import pandas as pd
+
+    from opsd.data import DAPO_PREFIX, DAPO_SUFFIX
+
+    os.makedirs(os.path.join(root, "DAPO-Math-17k-dedup"))
+    rows = [{"prompt": [{"role": "user", "content": DAPO_PREFIX + f"{i}+{i}=" + DAPO_SUFFIX}],
+             "reward_model": {"style": "rule", "ground_truth": str(2 * i)}, "data_source": "math_dapo",
+             "extra_info": {"index": i}} for i in range(n_dapo)]
+    pd.DataFrame(rows).to_parquet(os.path.join(root, "DAPO-Math-17k-dedup", "distinct-prompts-with-rewards.parquet"))
+    for folder, name in (("MATH-500", "test.jsonl"), ("AIME_2025", "train.jsonl")):
+        os.makedirs(os.path.join(root, folder))
+        with open(os.path.join(root, folder, name), "w") as f:
+            for i in range(n_val):
+                row = {"problem": f"{i}+1=", "answer": str(i + 1)}
+                if folder == "MATH-500":
+                    row["unique_id"] = f"m{i}"
+                f.write(json.dumps(row) + "\n")
+    os.makedirs(os.path.join(root, "AIME_2024"))
+    pd.DataFrame([{"problem": f"{i}+2=", "solution": f"so it is \\boxed{{{i + 2}}}"} for i in range(n_val)]).to_parquet(
+        os.path.join(root, "AIME_2024", "aime_2024_problems.parquet"))
+    return root

@@ -276,7 +276,8 @@ def test_cli_main(math500_file, tmp_path, capsys):
 
 def test_prepare_data_sh(math500_file, tmp_path):
     out = tmp_path / "sh"
-    env = dict(os.environ, INPUT=str(math500_file), OUTPUT_DIR=str(out), INSTRUCTION="none", VAL_FRACTION="0")
+    env = dict(os.environ, INPUT=str(math500_file), OUTPUT_DIR=str(out), INSTRUCTION="none", VAL_FRACTION="0",
+               PYTHON_BIN=sys.executable)
     res = subprocess.run(["bash", str(REPO / "run_scripts" / "prepare_data.sh"), "--no-conversational"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -20,7 +21,7 @@ TABLE, MISSING = S.presets()
 
 
 def env_files() -> list[str]:
-    return sorted(f for f in os.listdir(PRESET_DIR) if f.endswith(".env"))
+    return sorted(f for f in os.listdir(PRESET_DIR) if f.endswith(".env") and f != "upstream.env")
 
 
 def sourced_env(path: str, preset_env: dict | None = None) -> dict[str, str]:
@@ -71,9 +72,10 @@ def test_env_file_parses_names_only_script_variables_and_fits(name):
     # the papers' hyperparameters
     assert env["LEARNING_RATE"] == "1e-6" and env["ROLLOUT_N"] == "16" and env["OPD_CHUNK_SIZE"] == "512"
     assert env["OPD_LOSS_TYPE"] == "reverse_kl" and "--lr_scheduler_type cosine" in env["EXTRA_ARGS"]
-    # train_opd.sh's batch arithmetic holds
-    micro, nproc, batch = (int(env[k]) for k in ("PPO_MICRO_BATCH_SIZE_PER_GPU", "NPROC", "TRAIN_BATCH_SIZE"))
-    assert batch % (micro * nproc) == 0 and (batch // nproc) % int(env["ROLLOUT_N"]) == 0
+    # train_opd.sh's batch arithmetic holds: TRAIN_BATCH_SIZE prompts x ROLLOUT_N completions per step
+    micro, nproc, prompts = (int(env[k]) for k in ("PPO_MICRO_BATCH_SIZE_PER_GPU", "NPROC", "TRAIN_BATCH_SIZE"))
+    assert (prompts * int(env["ROLLOUT_N"])) % (micro * nproc) == 0 and prompts % nproc == 0
+    assert prompts * int(env["ROLLOUT_N"]) == preset.plan.rollout_batch
     # the planner says it fits, with and without a selector, from the file's own settings
     teacher, student = S.PAIRS[preset.pair][:2]
     for ratio in (None, 0.1, 1.0):
@@ -109,7 +111,7 @@ def test_extra_args_parse_with_the_training_cli():
                 "--per_device_train_batch_size", env["PPO_MICRO_BATCH_SIZE_PER_GPU"], "--rollout_n", env["ROLLOUT_N"],
                 "--max_completion_length", env["MAX_RESPONSE_LENGTH"], "--bf16", "false",
                 *shlex.split(env["EXTRA_ARGS"])]
-        _, model_args, train_args = build_parser().parse_args_and_config(args=argv)
+        _, model_args, train_args, _ = build_parser().parse_args_and_config(args=argv)
         assert train_args.lr_scheduler_type == "cosine" and train_args.gradient_checkpointing
         assert model_args.use_peft == preset.plan.lora
         assert model_args.load_in_4bit == (preset.plan.student_quant == "4bit")
@@ -120,10 +122,15 @@ def test_extra_args_parse_with_the_training_cli():
                                                                 if placement not in ("gpu", "offload") else "none")
 
 
-def test_one_preset_through_train_tip_sh_dry_run():
+def test_one_preset_through_train_tip_sh_dry_run(tmp_path):
     path = os.path.join(PRESET_DIR, "qwen3-8b-to-4b-lora-24gb.env")
-    out = subprocess.run(["bash", "-c", f"set -a; source {shlex.quote(path)}; set +a; DTYPE=float32 DRY_RUN=1 "
-                          "SELECTOR=q3 RATIO=0.1 bash run_scripts/train_tip.sh"],
+    for name in ("s", "t", "d"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    paths = f"MODEL_PATH={tmp_path / 's'} TEACHER_MODEL_PATH={tmp_path / 't'} DATA_DIR={tmp_path / 'd'} "
+    out = subprocess.run(["bash", "-c", f"{paths}; set -a; source {shlex.quote(path)}; set +a; DTYPE=float32 "
+                          f"DRY_RUN=1 SELECTOR=q3 RATIO=0.1 PYTHON_BIN={shlex.quote(sys.executable)} "
+                          "bash run_scripts/train_tip.sh"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--teacher_offload true" in out.stdout and "--max_completion_length 4096" in out.stdout

@@ -175,5 +175,5 @@ def test_reward_weights_edge_cases():
 def test_registry():
     assert R.get_reward_fn("math") is R.math_reward
     assert R.REWARD_FUNCTIONS["math"] is R.math_reward
-    with pytest.raises(ValueError, match="available: \\['math'\\]"):
+    with pytest.raises(ValueError, match="available: \\[.math., .math_dapo.\\]"):
         R.get_reward_fn("code")

@@ -87,7 +87,7 @@ def test_run_script_dry_run_prints_config(setup):
     env = dict(os.environ, MODEL_PATH=student, TEACHER_MODEL_PATH=teacher, TRAIN_FILE=data, OUTPUT_DIR=out,
                DRY_RUN="1", OPD_LOSS_TYPE="forward_kl", OPD_CHUNK_SIZE="64", TRAIN_BATCH_SIZE="8",
                PPO_MICRO_BATCH_SIZE_PER_GPU="2", MAX_RESPONSE_LENGTH="32", ENABLE_THINKING="false",
-               PYTHON_BIN=sys.executable)
+               MODEL_NAME="Qwen3-tiny", PYTHON_BIN=sys.executable)
     result = subprocess.run(["bash", "run_scripts/train_opd.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr

@@ -14,6 +14,7 @@ from .estimators import CONTROL_VARIATES, LOSS_SUPPORTS
 
 LOSS_TYPES = ("reverse_kl", "forward_kl", "jsd")
 LOSS_NORMALIZATIONS = ("kept_tokens", "all_tokens", "sequence")
+REWARD_WEIGHTINGS = ("global", "upstream")
 DIVERGENCE_BACKENDS = ("auto", "trl", "chunked", "fused")
 
 
@@ -43,7 +44,16 @@ class OPDConfig(DistillationConfig):
                   "(upstream's OPD_REWARD_BETA). None or <= 0 disables it. Needs a reward function."},
     )
     reward_function: str | None = field(
-        default=None, metadata={"help": "Name of the reward function used for reward weighting (e.g. 'math')."}
+        default=None, metadata={"help": "Name of the reward function (opsd.reward: math, math_dapo) used for reward "
+                                "weighting, the accuracy of the training rollouts and in-training validation."}
+    )
+    reward_weighting: str = field(
+        default="global",
+        metadata={"help": "global: this project's objective, the weights scale each token of the step-wide "
+                  "normalized loss (loss_normalization). upstream: the upstream OPD worker's objective, rewards "
+                  "binarized to 0/1, per-sample token means weighted by w and renormalized by the weights' sum per "
+                  "micro-batch, then the mean over micro-batches (without reward_beta: the mean of per-micro-batch "
+                  "token means); it replaces loss_normalization."},
     )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Prompts longer than this are truncated from the left. None: no limit."}
@@ -129,6 +139,8 @@ class OPDConfig(DistillationConfig):
             raise ValueError(
                 f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}."
             )
+        if self.reward_weighting not in REWARD_WEIGHTINGS:
+            raise ValueError(f"reward_weighting must be one of {REWARD_WEIGHTINGS}, got {self.reward_weighting!r}.")
         if self.divergence_backend not in DIVERGENCE_BACKENDS:
             raise ValueError(
                 f"divergence_backend must be one of {DIVERGENCE_BACKENDS}, got {self.divergence_backend!r}."

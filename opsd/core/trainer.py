@@ -2,7 +2,8 @@
 
 One optimizer step, top to bottom (README "Layout", patches/README.md, docs/METHODS.md for the formulas):
 1. `_prepare_inputs`: the student samples completions for the generation batch (TRL's generation, HF or vLLM),
-   optional reward weights, shuffle and split into gradient-accumulation micro-batches.
+   rollout metrics (prompts, completions, accuracy when a reward function is set), optional reward weights, shuffle
+   and split into gradient-accumulation micro-batches.
 2. `_select_tokens` (THE place a token's keep mask is decided): with a selector, a no-grad pass computes the
    student's and the teacher's hidden states at the valid completion positions (the teacher's are cached, so the
    teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
@@ -36,6 +37,7 @@ from .losses import weighted_divergence_loss
 from .memory import peak_memory_gb
 from .models import load_causal_lm, resolve_distill_vocab
 from .selection import SCOPES, TokenChoice, TokenSelector, TokenView, loss_weights, valid_token_index
+from .weighting import upstream_loss_factors
 
 
 def quantization_config_for(kind: str, dtype):
@@ -87,6 +89,18 @@ class OPDTrainer(DistillationTrainer):
     upstream's reward weighting w_i = n * softmax(r_i / reward_beta) over the whole generation batch (all processes);
     `teacher_tokenizer` (checked against the student's).
     """
+
+    _tag_names = ["trl", "distillation", "on-policy-distillation", "opsd-tip"]
+    _name = "OPD (opsd-tip)"
+    model_card_extra = ""  # markdown appended to TRL's model card (opsd.train: the method, selector and papers)
+
+    def create_model_card(self, *args, **kwargs):
+        super().create_model_card(*args, **kwargs)
+        if self.model_card_extra and self.is_world_process_zero():
+            import os
+
+            with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
+                f.write(self.model_card_extra)
 
     def __init__(self, model, teacher_model=None, args: OPDConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
@@ -205,24 +219,49 @@ class OPDTrainer(DistillationTrainer):
         accumulation = self.args.gradient_accumulation_steps
         if self._step % accumulation == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score_completions(generation_batch)
-            if self.reward_fn is not None:
-                batch["sample_weights"] = self._reward_weights(generation_batch, batch)
+            rewards = self._rollout_metrics(generation_batch, batch)
+            if self.reward_fn is not None and self.args.reward_beta and self.args.reward_beta > 0:
+                batch["sample_weights"] = self._reward_weights(generation_batch, batch, rewards)
             batch = shuffle_sequence_dict(split_pixel_values_by_grid(batch))
             micro_batches = [unsplit_pixel_values_by_grid(b) for b in split_tensor_dict(batch, accumulation)]
             self._select_tokens(micro_batches)
             self._buffered_inputs = micro_batches
         return self._buffered_inputs[self._step % accumulation]
 
-    def _reward_weights(self, inputs, batch) -> torch.Tensor:
-        """Per-sample weights n * softmax(r / reward_beta) over the generation batch of all processes."""
-        from .weighting import reward_weights
+    def _rollout_rewards(self, inputs, batch) -> torch.Tensor:
+        """reward_fn(completion text, answer) of this process's rollouts."""
+        completions = self.processing_class.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+        return torch.tensor([float(self.reward_fn(c, x["answer"])) for c, x in zip(completions, inputs)],
+                            device=self.accelerator.device)
+
+    def _rollout_metrics(self, inputs, batch) -> torch.Tensor | None:
+        """Log the step's prompts and completions (all processes) and, when the prompts have answers and a reward
+        function is set, the accuracy of the rollouts (reward > 0, upstream's opd/accuracy); returns the rewards."""
+        import json
+
+        distinct = len({json.dumps(x["prompt"], sort_keys=True, default=str) for x in inputs})
+        counts = self.accelerator.gather(torch.tensor([[float(len(inputs)), float(distinct)]],
+                                                      device=self.accelerator.device)).reshape(-1, 2).sum(0)
+        self._metrics["train"]["rollout_completions"].append(counts[0].item())
+        self._metrics["train"]["rollout_prompts"].append(counts[1].item())
+        if self.reward_fn is None or not inputs or "answer" not in inputs[0]:
+            return None
+        rewards = self._rollout_rewards(inputs, batch)
+        self._metrics["train"]["rollout_accuracy"].append((self.accelerator.gather(rewards) > 0).float().mean().item())
+        return rewards
+
+    def _reward_weights(self, inputs, batch, rewards: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample weights n * softmax(r / reward_beta) over the generation batch of all processes (rewards
+        binarized to 0/1 first with reward_weighting=upstream)."""
+        from .weighting import binarize, reward_weights
 
         if "answer" not in inputs[0]:
             raise ValueError("Reward weighting needs an `answer` column in the prompt file.")
-        completions = self.processing_class.batch_decode(batch["completion_ids"], skip_special_tokens=True)
-        rewards = torch.tensor([float(self.reward_fn(c, x["answer"])) for c, x in zip(completions, inputs)],
-                               device=self.accelerator.device)
+        if rewards is None:
+            rewards = self._rollout_rewards(inputs, batch)
         all_rewards = self.accelerator.gather(rewards)
+        if self.args.reward_weighting == "upstream":
+            all_rewards = binarize(all_rewards)
         self._metrics["train"]["reward"].append(all_rewards.mean().item())
         start = self.accelerator.process_index * rewards.numel()
         return reward_weights(all_rewards, self.args.reward_beta)[start:start + rewards.numel()].float()
@@ -299,10 +338,14 @@ class OPDTrainer(DistillationTrainer):
             self._teacher_phase(micro_batches)
         if selector is not None:
             keeps, weights = self._run_selector(selector, micro_batches, masks)
-        weights = [w if "sample_weights" not in mb else (1.0 if w is None else w) * mb["sample_weights"][:, None]
-                   for w, mb in zip(weights, micro_batches)]
-        factors = loss_weights(keeps, weights, masks, self.args.loss_normalization, self.accelerator.num_processes,
-                               self._all_reduce_sum)
+        if self.args.reward_weighting == "upstream":  # per-micro-batch objective, opsd.core.weighting
+            factors = upstream_loss_factors(keeps, [mb.get("sample_weights") for mb in micro_batches])
+            factors = [f if w is None else f * w for f, w in zip(factors, weights)]
+        else:
+            weights = [w if "sample_weights" not in mb else (1.0 if w is None else w) * mb["sample_weights"][:, None]
+                       for w, mb in zip(weights, micro_batches)]
+            factors = loss_weights(keeps, weights, masks, self.args.loss_normalization,
+                                   self.accelerator.num_processes, self._all_reduce_sum)
         for mb, keep, factor in zip(micro_batches, keeps, factors):
             mb["loss_keep"], mb["loss_weights"] = keep, factor
         kept = self._all_reduce_sum(sum(k.sum() for k in keeps))

@@ -1,4 +1,5 @@
-"""Per-sample weights of the OPD loss (upstream's reward weighting); the reward functions live in opsd.reward."""
+"""Per-sample weights of the OPD loss (upstream's reward weighting) and upstream's per-micro-batch objective; the
+reward functions live in opsd.reward."""
 
 from __future__ import annotations
 
@@ -23,3 +24,36 @@ def reward_weights(rewards, beta: float | None) -> torch.Tensor:
     if beta is None or beta <= 0 or n == 0:
         return torch.ones_like(r)
     return n * torch.softmax(r / float(beta), dim=0)
+
+
+def upstream_loss_factors(keep_masks, sample_weights=None) -> list[torch.Tensor]:
+    """Per-token factors f [B, C] per micro-batch for upstream's objective (verl OPD worker), on one process.
+
+    Without weights: each micro-batch's loss is the mean over its kept tokens, and the step's loss is the mean of
+    those over the micro-batches that keep at least one token. With per-sample weights w (one [B] tensor per
+    micro-batch): a micro-batch's loss is sum_i w_i * mean_t(l_it) / sum_i w_i (the sum of w over every sequence of
+    the micro-batch, also those that keep no token), again averaged over the micro-batches that keep a token.
+    Data-parallel training averages these per-process losses, as upstream's FSDP does, so no process count enters.
+    """
+    counts = [keep.float().sum() for keep in keep_masks]
+    active = sum(int(c > 0) for c in counts)
+    factors = []
+    for i, keep in enumerate(keep_masks):
+        keep = keep.float()
+        if counts[i] == 0:
+            factors.append(torch.zeros_like(keep))
+            continue
+        if sample_weights is None or sample_weights[i] is None:
+            factors.append(keep / (counts[i] * active))
+            continue
+        w = sample_weights[i].to(keep.device, torch.float32).reshape(-1)
+        per_sequence = keep.sum(1).clamp_min(1.0)
+        factors.append(keep * (w / (per_sequence * w.sum().clamp_min(torch.finfo(torch.float32).tiny)))[:, None]
+                       / active)
+    return factors
+
+
+def binarize(rewards) -> torch.Tensor:
+    """Upstream's reward for weighting: 1 when the reward is positive, else 0."""
+    r = torch.as_tensor(rewards)
+    return (r > 0).to(r.dtype if r.is_floating_point() else torch.float32)

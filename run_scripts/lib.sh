@@ -1,0 +1,76 @@
+# Shared helpers of the run scripts; source it, do not run it:  . "$(dirname "$0")/lib.sh"
+#
+# Provides (all names start with opsd_):
+#   opsd_help FILE ARGS...   print FILE's header comment and exit 0 when ARGS holds -h or --help
+#   opsd_header FILE         print FILE's header comment (the lines after the shebang up to the first non-comment)
+#   opsd_wants_help ARGS...  true when ARGS holds -h or --help
+#   opsd_python              set PYTHON: PYTHON_BIN, else $VENV/bin/python (VENV default .venv), else python3
+#   opsd_gpu_count           print the number of NVIDIA GPUs nvidia-smi lists (0 without a working nvidia-smi)
+#   opsd_log MSG...          "[script] MSG" on stderr
+#   opsd_note MSG...         "[script] note: MSG" on stderr (a setting that behaves differently from upstream)
+#   opsd_die MSG...          "[script] error: MSG" on stderr, exit 2
+#   opsd_bool NAME VALUE     print true/false for 1/true/yes/on or 0/false/no/off (any case); error naming NAME
+#   opsd_int NAME VALUE      check VALUE is an integer (negative allowed); error naming NAME
+#   opsd_has_module MOD      true when $PYTHON can import MOD
+# Variables read: PYTHON_BIN, VENV. Sets: OPSD_ROOT (repository root), OPSD_SCRIPT (calling script's name).
+
+OPSD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OPSD_SCRIPT="$(basename "${BASH_SOURCE[1]:-$0}" .sh)"
+
+opsd_log() { echo "[$OPSD_SCRIPT] $*" >&2; }
+opsd_note() { echo "[$OPSD_SCRIPT] note: $*" >&2; }
+opsd_die() { echo "[$OPSD_SCRIPT] error: $*" >&2; exit 2; }
+
+opsd_header() {  # the header: every comment line after the shebang up to the first line that is not a comment
+  awk 'NR == 1 && /^#!/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+
+opsd_wants_help() {
+  local arg
+  for arg in "$@"; do
+    if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then return 0; fi
+  done
+  return 1
+}
+
+opsd_help() {
+  local file=$1; shift
+  if opsd_wants_help "$@"; then opsd_header "$file"; exit 0; fi
+}
+
+opsd_python() {
+  local venv=${VENV:-$OPSD_ROOT/.venv}
+  case "$venv" in /*) ;; *) venv="$OPSD_ROOT/$venv" ;; esac
+  if [ -n "${PYTHON_BIN:-}" ]; then
+    PYTHON=$PYTHON_BIN
+  elif [ -x "$venv/bin/python" ]; then
+    PYTHON="$venv/bin/python"
+  else
+    PYTHON=python3
+  fi
+  command -v "$PYTHON" >/dev/null 2>&1 \
+    || opsd_die "interpreter '$PYTHON' not found; set PYTHON_BIN or run run_scripts/setup.sh"
+  export PYTHON
+}
+
+opsd_gpu_count() {
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    nvidia-smi -L | grep -c '^GPU'
+  else
+    echo 0
+  fi
+}
+
+opsd_bool() {
+  case "$2" in
+    1|[Tt]rue|TRUE|[Yy]es|YES|[Oo]n|ON) echo true ;;
+    0|[Ff]alse|FALSE|[Nn]o|NO|[Oo]ff|OFF) echo false ;;
+    *) opsd_die "$1 must be 1/true/yes or 0/false/no, got '$2'" ;;
+  esac
+}
+
+opsd_int() {
+  [[ "$2" =~ ^-?[0-9]+$ ]] || opsd_die "$1 must be an integer, got '$2'"
+}
+
+opsd_has_module() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
