@@ -237,8 +237,7 @@ def _worker_init():
 
 
 def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySettings, max_new_tokens: int,
-                     eval_prompts: list[str], work_dir: str, task_name: str = "addition",
-                     eval_at_steps: tuple = ()) -> dict:
+                     eval_prompts: list[str], work_dir: str, task="addition", eval_at_steps: tuple = ()) -> dict:
     """One OPD run through the real trainer; returns its metrics. `eval_at_steps`: also evaluate the student after
     those steps (the all-token run's equal-compute points; the schedule is constant, so the state after s steps is
     the state of an s-step run)."""
@@ -251,7 +250,7 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
     from opsd.data import load_prompt_dataset
     from tip_ext.trainer import SelectorConfig, make_selector
 
-    task = get_task(task_name)
+    task = get_task(task)
     tokenizer = load_tokenizer(paths["tokenizer"])
     args = OPDConfig(
         output_dir=os.path.join(work_dir, f"{spec.name}-seed{seed}"), per_device_train_batch_size=settings.batch_size,
@@ -298,7 +297,7 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
                   for k in sorted({k for h in logs for k in h if k.startswith("norm/") and k.endswith("/degenerate")})}
     checkpoints[settings.steps] = final
     return {
-        "task": task_name, "config": spec.name, "seed": seed, "selector": spec.selector, "ratio": spec.ratio,
+        "task": task.name, "config": spec.name, "seed": seed, "selector": spec.selector, "ratio": spec.ratio,
         "exact_match": final["exact_match"], "heldout_kl": final["heldout_kl"], "correct": final["correct"],
         "kept_tokens": kept, "generated_tokens": generated, "kept_fraction": kept / max(generated, 1),
         "compute_ratio": compute_ratio(spec, kept / max(generated, 1)),
@@ -311,7 +310,7 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
 
 
 def _run_job(job):
-    return run_distillation(*job[:-2], task_name=job[-2], eval_at_steps=job[-1])
+    return run_distillation(*job[:-2], task=job[-2], eval_at_steps=job[-1])
 
 
 def _prepare_job(job):
@@ -609,7 +608,7 @@ def run_study(output_dir: str, settings: StudySettings, configs=None, cache_dir=
                        "eval_steps": eval_steps}
         for spec in configs:
             for seed in settings.seeds:
-                jobs.append((spec, seed, paths, settings, max_new, prompts, os.path.join(output_dir, t, "runs"), t,
+                jobs.append((spec, seed, paths, settings, max_new, prompts, os.path.join(output_dir, t, "runs"), task,
                              tuple(eval_steps) if spec.selector is None else ()))
     # the all-token runs first: they are the longest (extra evaluations) and everything is compared with them
     jobs.sort(key=lambda j: j[0].selector is not None)
