@@ -986,6 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(1.4x on idle cores) and lose 3-4x when the cores are shared")
     p.add_argument("--teacher_cache_gb", type=float, default=2.0)
     p.add_argument("--lab_cache", default=".cache/lab", help="cache directory of the lab models")
+    p.add_argument("--lab_task", default="addition", help="lab task whose models to use without --teacher/--student "
+                   "(lab.tasks.TASKS: addition, reverse_sum)")
     p.add_argument("--save_bank", action="store_true", help="also write the bank as bank.json")
     p.add_argument("--no_tokens_csv", action="store_true", help="do not write the per-token tokens.csv")
     p.add_argument("--no_progress", action="store_true")
@@ -1012,7 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from lab.models import prepare_lab_models
 
-        lab = prepare_lab_models(args.lab_cache, progress=progress)
+        lab = prepare_lab_models(args.lab_cache, args.lab_task, progress=progress)
         paths = lab["paths"]
         teacher_dir, student_dir = paths["teacher"], paths["student"]
         tokenizer_dir = args.tokenizer or paths["tokenizer"]
