@@ -383,6 +383,8 @@ def summarize(runs: list[dict], configs: list[RunSpec], settings: StudySettings,
         for key in ("exact_match", "heldout_kl", "kept_fraction", "compute_ratio", "setup_seconds", "train_seconds",
                     "eval_seconds", "peak_extra_gb"):
             row[key], row[f"{key}_sd"] = _mean_sd([r[key] for r in mine])
+        axes = sorted({k for r in mine for k in r["degenerate_steps"]})
+        row["degenerate_steps"] = {k: statistics.fmean(r["degenerate_steps"].get(k, 0.0) for r in mine) for k in axes}
         flags = np.stack([np.asarray(r["correct"], float) for r in mine])
         row["vs_start"] = paired_interval(flags, np.tile(start_flags, (len(mine), 1)), settings.bootstrap)
         paired = [r for r in mine if r["seed"] in base]
@@ -497,6 +499,11 @@ def format_report(result: dict) -> str:
             f"{_fmt(row['exact_match'], row['exact_match_sd'])} | {_fmt(row['heldout_kl'], row['heldout_kl_sd'], 2)} | "
             f"{_fi(row.get('vs_all_equal_steps'))} | {_fi(row.get('vs_all_equal_compute'))} | "
             f"{_fmt(row['train_seconds'], 0, 1)} |")
+    degenerate = [f"{row['config']}: " + ", ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in row["degenerate_steps"].items())
+                  for row in result["summary"] if row.get("degenerate_steps")]
+    if degenerate:
+        lines += ["", "Share of training steps with a degenerate normalization axis (logged as norm/<axis>/degenerate): "
+                  + "; ".join(degenerate) + "."]
     known = probe["known_positions"]
     lines += [
         "", f"Selector probe: {probe['tokens']} sampled tokens of the warm-started student"
