@@ -1,7 +1,9 @@
-"""CPU distillation lab: a synthetic addition task with a correction token, and tiny Qwen2 teacher/student.
+"""CPU distillation lab: synthetic tasks with tiny Qwen2 teachers and students, the study and the diagnostic.
 
-`lab.task` defines the task (prompts, canonical solutions, corrupted teacher data, answer checking, the known
-Q3 positions); `lab.models` trains, caches and evaluates the teacher and the warm-started student.
+`lab.tasks` is the task interface every part of the lab uses (`Task`, the built-in `TASKS`: `addition`, the
+scratchpad addition of `lab.task` with a correction token, and `reverse_sum`); `lab.models` trains, caches and
+evaluates each task's teacher and warm-started student; `lab.study` runs the comparisons; `lab.diagnose` the
+fixed-context diagnostic.
 """
 
 from .task import (
@@ -18,6 +20,7 @@ from .task import (
     teacher_training_text,
     write_prompt_file,
 )
+from .tasks import TASKS, AdditionTask, ReverseSumTask, Task, get_task
 from .models import (
     LabConfig,
     ModelSize,
@@ -32,6 +35,7 @@ from .models import (
 )
 
 __all__ = [
+    "TASKS", "AdditionTask", "ReverseSumTask", "Task", "get_task",
     "CORRECTION", "TaskConfig", "answer", "apply_corrections", "build_tokenizer", "error_positions", "is_correct",
     "make_prompts", "read_prompt_file", "solution", "teacher_training_text", "write_prompt_file",
     "LabConfig", "ModelSize", "error_position_stats", "evaluate_exact_match", "heldout_kl", "load_lab_models",

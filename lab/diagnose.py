@@ -55,9 +55,11 @@ Choices METHODS.md leaves open, and what this module does:
   recomputes that ratio.
 - Each context is run only up to its last kept token during the updates (causal attention: the cut changes no
   kept token's logits), so small budgets cost less.
-- Teacher logits of the bank are computed once and kept in memory when N x V float32 fits `teacher_cache_gb`,
-  otherwise recomputed for every micro-batch. The student is deep-copied for every selector x budget; logits of
-  a whole micro-batch are materialized, so lower `batch_size` for large vocabularies.
+- Statistics and the update go through the project's own code: `tip_ext.stats.token_stats_from_hidden` (the
+  trainer's statistics pass) and `opsd.core.losses.per_token_divergence` (the trainer's loss step) on final hidden
+  states and `opsd.core.heads.head_of` heads, so no [N, V] logits are materialized. Teacher hidden states of the
+  bank are computed once and kept in memory when N x H float32 fits `teacher_cache_gb`, otherwise recomputed for
+  every micro-batch. The student is deep-copied for every selector x budget.
 - Defaults are the paper's where METHODS.md gives them (300 contexts, 192 tokens, budgets 3/5/10%, K = 16) and
   sized for the CPU lab otherwise: 20 steps at lr 3e-4 (the lab's all-token loss falls steadily; 1e-3 overshoots),
   1 torch thread. Measured on the lab (2 shared CPU cores, load ~6): about 105 s for the defaults.
@@ -81,10 +83,11 @@ import numpy as np
 import torch
 
 from opsd.evaluate import eos_token_ids, tokenize_prompts  # prompts are tokenized exactly as in training
-from opsd.core.losses import divergence_reference
+from opsd.core.heads import head_of
+from opsd.core.losses import per_token_divergence
 
 from tip_ext.selectors import RULES, rule_options, select
-from tip_ext.stats import STAT_NAMES, token_stats
+from tip_ext.stats import STAT_NAMES, token_stats_from_hidden
 
 DEFAULT_SELECTORS = (
     "random",
@@ -288,21 +291,14 @@ def build_bank(student, tokenizer, prompts: Sequence, max_tokens: int = 192, see
 # ================================================================================================== logits
 
 
-def _bank_logits(model, bank: Bank, rows: Sequence[int], vocab: int,
-                 lengths: Sequence[int] | None = None) -> torch.Tensor:
-    """Logits [n_tokens, vocab] at the positions that predict the response tokens of `rows` (the first `lengths`
-    of each; default all), in bank order (`bank.token_index(rows, lengths)`)."""
+def _bank_hidden(model, bank: Bank, rows: Sequence[int], lengths: Sequence[int] | None = None) -> torch.Tensor:
+    """Final hidden states [n_tokens, H] (after the last norm, before the head) at the positions that predict the
+    response tokens of `rows` (the first `lengths` of each; default all), in bank order
+    (`bank.token_index(rows, lengths)`). The head is applied by the project's chunked code, as in training."""
     ids, attn, pred = bank.collate(rows, lengths)
     device = _device_of(model)
-    # project only the positions from the first predicting one on (no logits for most prompt positions)
-    first = int(pred.any(0).nonzero()[0])
-    kwargs = {"logits_to_keep": ids.shape[1] - first} if first > 0 else {}
-    try:
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).logits
-    except TypeError:  # a model without logits_to_keep
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-    pred = pred[:, ids.shape[1] - logits.shape[1] :]
-    return logits[pred.to(device)][:, :vocab]
+    hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
+    return hidden[pred.to(device)]
 
 
 def _row_batches(rows: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -310,49 +306,51 @@ def _row_batches(rows: Sequence[int], batch_size: int) -> list[list[int]]:
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-class TeacherLogits:
-    """The teacher's bank logits, cached in memory when they fit, recomputed per batch otherwise."""
+class TeacherStates:
+    """The teacher's bank hidden states and head, cached in memory when N x H float32 fits `cache_gb`, recomputed per
+    batch otherwise."""
 
     def __init__(self, teacher, bank: Bank, vocab: int, batch_size: int = 64, cache_gb: float = 2.0,
                  progress: bool = False):
         self.teacher, self.bank, self.vocab, self.batch_size = teacher, bank, vocab, batch_size
+        self.head = head_of(teacher, vocab)
         self.cache = None
         teacher.eval()
-        if bank.n_tokens * vocab * 4 <= cache_gb * 2**30:
+        if bank.n_tokens * teacher.config.get_text_config().hidden_size * 4 <= cache_gb * 2**30:
             batches = _row_batches(range(bank.n_contexts), batch_size)
             parts = []
             with torch.no_grad():
                 for rows in _tqdm(batches, desc="bank: teacher", disable=not progress) if progress else batches:
-                    parts.append(_bank_logits(teacher, bank, rows, vocab))
+                    parts.append(_bank_hidden(teacher, bank, rows))
             self.cache = torch.cat(parts)
 
     @torch.no_grad()
     def get(self, rows: Sequence[int]) -> torch.Tensor:
-        """Teacher logits of all response tokens of `rows`, in bank order."""
+        """Teacher hidden states of all response tokens of `rows`, in bank order."""
         if self.cache is not None:
             return self.cache[self.bank.token_index(rows).to(self.cache.device)]
-        return _bank_logits(self.teacher, self.bank, rows, self.vocab)
+        return _bank_hidden(self.teacher, self.bank, rows)
 
     @torch.no_grad()
     def get_tokens(self, rows: Sequence[int], index: torch.Tensor, lengths: Sequence[int] | None = None):
-        """Teacher logits of the bank tokens `index` (flat indices, all inside `rows`' first `lengths` tokens)."""
+        """Teacher hidden states of the bank tokens `index` (flat indices, inside `rows`' first `lengths` tokens)."""
         if self.cache is not None:
             return self.cache[index.to(self.cache.device)]
         full = self.bank.token_index(rows, lengths)
         where = torch.full((self.bank.n_tokens,), -1, dtype=torch.long)
         where[full] = torch.arange(full.numel())
-        logits = _bank_logits(self.teacher, self.bank, rows, self.vocab, lengths)
-        return logits[where[index].to(logits.device)]
+        hidden = _bank_hidden(self.teacher, self.bank, rows, lengths)
+        return hidden[where[index].to(hidden.device)]
 
 
-def _as_teacher(teacher, bank: Bank, vocab: int, batch_size: int) -> TeacherLogits:
-    return teacher if isinstance(teacher, TeacherLogits) else TeacherLogits(teacher, bank, vocab, batch_size)
+def _as_teacher(teacher, bank: Bank, vocab: int, batch_size: int) -> TeacherStates:
+    return teacher if isinstance(teacher, TeacherStates) else TeacherStates(teacher, bank, vocab, batch_size)
 
 
 def _vocab(student, teacher, tokenizer=None, vocab: int | None = None) -> int:
     if vocab is not None:
         return int(vocab)
-    if isinstance(teacher, TeacherLogits):
+    if isinstance(teacher, TeacherStates):
         return teacher.vocab
     s_rows = student.get_output_embeddings().weight.shape[0]
     t_rows = teacher.get_output_embeddings().weight.shape[0]
@@ -372,17 +370,19 @@ def _vocab(student, teacher, tokenizer=None, vocab: int | None = None) -> int:
 def bank_stats(student, teacher, bank: Bank, top_k: int = 16, batch_size: int = 64, vocab: int | None = None,
                names: Iterable[str] | None = None, tokenizer=None, progress: bool = False,
                desc: str = "bank: scoring") -> dict[str, torch.Tensor]:
-    """`token_stats` of every bank token (float32 [N], bank order, on the CPU)."""
+    """`tip_ext.stats.token_stats_from_hidden` of every bank token (float32 [N], bank order, on the CPU): the
+    statistics pass of training, through the same chunked head projection."""
     vocab = _vocab(student, teacher, tokenizer, vocab)
     teacher = _as_teacher(teacher, bank, vocab, batch_size)
+    s_head = head_of(student, vocab)
     was_training = student.training
     student.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     batches = _row_batches(range(bank.n_contexts), batch_size)
     for rows in _tqdm(batches, desc=desc, disable=not progress, leave=False) if progress else batches:
-        zs = _bank_logits(student, bank, rows, vocab)
-        zt = teacher.get(rows).to(zs.device)
-        for k, v in token_stats(zs, zt, top_k=top_k, names=names).items():
+        hs = _bank_hidden(student, bank, rows)
+        ht = teacher.get(rows).to(hs.device)
+        for k, v in token_stats_from_hidden(hs, s_head, ht, teacher.head, top_k=top_k, names=names).items():
             parts.setdefault(k, []).append(v.cpu())
     student.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -480,6 +480,7 @@ def train_on_bank(student, teacher, bank: Bank, keep: torch.Tensor, steps: int =
     if total <= 0 or steps <= 0 or not rows:
         return model, losses
     params = [p for p in model.parameters() if p.requires_grad]
+    s_head = head_of(model, vocab)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     batches = [(chunk, last[chunk].tolist()) for chunk in _row_batches(rows, batch_size)]
     rng = range(steps)
@@ -490,10 +491,11 @@ def train_on_bank(student, teacher, bank: Bank, keep: torch.Tensor, steps: int =
             idx = bank.token_index(chunk, lengths)
             wk = w[idx]
             sel = wk > 0
-            zs = _bank_logits(model, bank, chunk, vocab, lengths)
-            sel_d = sel.to(zs.device)
-            zt = teacher.get_tokens(chunk, idx[sel], lengths).to(zs.device)
-            kl, _ = divergence_reference(zs[sel_d], zt, 1.0)
+            hs = _bank_hidden(model, bank, chunk, lengths)
+            sel_d = sel.to(hs.device)
+            ht = teacher.get_tokens(chunk, idx[sel], lengths).to(hs.device)
+            # the trainer's loss step: reverse KL (beta = 1) through the chunked head projection
+            kl, _ = per_token_divergence(hs[sel_d], s_head, ht, teacher.head, beta=1.0)
             loss = (kl * wk[sel].to(kl.device, kl.dtype)).sum() / total
             loss.backward()
             step_loss += float(loss.detach())
@@ -686,7 +688,7 @@ def run_diagnostic(student, teacher, tokenizer, prompts: Sequence | None = None,
 
     t0 = time.perf_counter()
     vocab = _vocab(student, teacher, tokenizer)
-    teacher_src = TeacherLogits(teacher, bank, vocab, batch_size, teacher_cache_gb, progress)
+    teacher_src = TeacherStates(teacher, bank, vocab, batch_size, teacher_cache_gb, progress)
     scores = score_bank(student, teacher_src, bank, top_k, batch_size, vocab, progress=progress)
     timing["score_seconds"] = time.perf_counter() - t0
     kl_before = scores["forward_kl"].double().numpy()
@@ -983,6 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(1.4x on idle cores) and lose 3-4x when the cores are shared")
     p.add_argument("--teacher_cache_gb", type=float, default=2.0)
     p.add_argument("--lab_cache", default=".cache/lab", help="cache directory of the lab models")
+    p.add_argument("--lab_task", default="addition", help="lab task whose models to use without --teacher/--student "
+                   "(lab.tasks.TASKS: addition, reverse_sum)")
     p.add_argument("--save_bank", action="store_true", help="also write the bank as bank.json")
     p.add_argument("--no_tokens_csv", action="store_true", help="do not write the per-token tokens.csv")
     p.add_argument("--no_progress", action="store_true")
@@ -1009,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from lab.models import prepare_lab_models
 
-        lab = prepare_lab_models(args.lab_cache, progress=progress)
+        lab = prepare_lab_models(args.lab_cache, args.lab_task, progress=progress)
         paths = lab["paths"]
         teacher_dir, student_dir = paths["teacher"], paths["student"]
         tokenizer_dir = args.tokenizer or paths["tokenizer"]

@@ -1,59 +1,91 @@
-"""The default study of the CPU distillation lab: `python -m lab.study [--full] [--output_dir DIR]`.
+"""The lab's study: `python -m lab.study [--task NAME ...] [--full] [--output_dir DIR]`.
 
-What it does, in order:
-1. Teacher and warm-started student (lab.models.prepare_lab_models; trained once, then cached).
+For every task (`lab.tasks.TASKS`; all built-in tasks by default):
+1. Teacher and warm-started student (lab.models.prepare_lab_models; trained once, then cached). Tasks are prepared
+   in parallel worker processes.
 2. Selector probe: the warm-started student samples completions of held-out prompts; every token gets the TIP /
-   TA-OPD statistics from both models' logits, the known "Q3 by construction" positions (the token right after the
-   student's first mistake, where the teacher says "<") are marked, and each configuration's rule is applied at
-   its ratio: precision and recall of the kept set for those positions, and the quadrant census.
-3. Distillation runs: every configuration x seed trains a fresh copy of the student with the same trainer code path
-   as real runs (opsd.OPDTrainer + tip_ext.TipSelector), at equal steps, batch and seeds; then held-out greedy
-   exact match and held-out KL(student || teacher) on the student's own completions.
-4. Report under the output folder: report.md, report.json, accuracy_vs_budget.png, census.png; a summary table is
-   printed.
+   TA-OPD statistics from both models' logits, the task's known positions (`Task.positions_of_interest`) are
+   marked, and each configuration's rule is applied at its ratio: kept fraction, precision and recall for those
+   positions, the quadrant census, and the spread of the teachability normalization's axes.
+3. Distillation runs: every configuration x seed trains a fresh copy of the student through the same trainer code
+   path as real runs (opsd.core.trainer.OPDTrainer + tip_ext.trainer.TipSelector) at equal steps, batch and seeds,
+   then greedy held-out exact match and held-out KL(student || teacher) on the student's own completions. Runs are
+   independent: they go to `--workers` processes with one torch thread each (multi-threaded tiny kernels stall when
+   another process takes a core). The all-token run is also evaluated at the step counts that cost the same lm_head
+   compute as each selective run (equal-compute comparison, `compute_ratio`).
+4. Comparisons: paired differences against all tokens over the same seeds and held-out prompts, with bootstrap 95%
+   intervals (seeds and prompts resampled), at equal steps and at equal lm_head compute; a results table per task
+   and a cross-task table of which conclusions hold (`CLAIMS`).
+5. Files: <output_dir>/<task>/report.{md,json}, plots, and <output_dir>/report.md (all tasks + cross-task table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 
-from . import task as T
-from .models import LabConfig, evaluate_exact_match, generate_completions, heldout_kl, prepare_lab_models
+from .models import LabConfig, default_lab_config, evaluate_student, generate_completions, prepare_lab_models
+from .tasks import TASKS, get_task
 
 
 @dataclass
 class RunSpec:
+    """One configuration of the study. Everything that belongs to the configuration lives here, not in the study:
+    the rule (None = all-token OPD, no statistics pass), its ratio and options, TA-OPD's K."""
+
     name: str
-    selector: str | None  # None = all-token OPD, no statistics pass (the baseline)
+    selector: str | None
     ratio: float = 1.0
     options: dict = field(default_factory=dict)
+    # TA-OPD's K: the lab's vocabularies have 15-18 tokens, so the papers' K = 16 would make both top-K sets nearly
+    # the whole vocabulary (support mass ~1, local KL = forward KL); K = 4 keeps the two axes informative.
+    support_top_k: int = 4
 
 
-DEFAULT_CONFIGS = [
-    RunSpec("all_tokens", None, 1.0),
-    RunSpec("random@0.5", "random", 0.5),
-    RunSpec("random@0.1", "random", 0.1),
-    RunSpec("position_first@0.2", "position_first", 0.2),
-    RunSpec("position_last@0.2", "position_last", 0.2),
-    RunSpec("entropy_sample@0.5", "entropy_sample", 0.5),
-    RunSpec("entropy_sample@0.2", "entropy_sample", 0.2),
-    RunSpec("soft_or@0.5", "soft_or", 0.5),
-    RunSpec("soft_or@0.2", "soft_or", 0.2),
-    RunSpec("q3@0.2", "q3", 0.2),
-    RunSpec("q3@0.1", "q3", 0.1),
-    RunSpec("teachability@0.1", "teachability", 0.1),
-    RunSpec("teachability@0.05", "teachability", 0.05),
-    RunSpec("teachability_entropy@0.05", "teachability_entropy", 0.05),
+def _spec(name, selector, ratio, support_top_k=4, **options):
+    return RunSpec(name, selector, ratio, options, support_top_k)
+
+
+ALL_CONFIGS = [
+    _spec("all_tokens", None, 1.0),
+    _spec("random@0.5", "random", 0.5),
+    _spec("random@0.2", "random", 0.2),
+    _spec("random@0.1", "random", 0.1),
+    _spec("position_first@0.2", "position_first", 0.2),
+    _spec("position_last@0.2", "position_last", 0.2),
+    _spec("raw_kl@0.2", "divergence_topk", 0.2),
+    _spec("raw_kl@0.1", "divergence_topk", 0.1),
+    _spec("entropy_sample@0.5", "entropy_sample", 0.5),
+    _spec("entropy_sample@0.2", "entropy_sample", 0.2),
+    _spec("entropy_kl_sample@0.2", "entropy_sample", 0.2, gamma=1.0),
+    _spec("soft_or@0.5", "soft_or", 0.5),
+    _spec("soft_or@0.2", "soft_or", 0.2),
+    _spec("q3@0.2", "q3", 0.2),
+    _spec("q3@0.1", "q3", 0.1),
+    _spec("teachability@0.1", "teachability", 0.1),
+    _spec("teachability@0.05", "teachability", 0.05),
+    _spec("teachability_minmax@0.1", "teachability", 0.1, normalization="minmax"),
+    _spec("teachability_minmax@0.05", "teachability", 0.05, normalization="minmax"),
+    _spec("teachability_rank@0.1", "teachability", 0.1, normalization="rank"),
+    _spec("teachability_rank@0.05", "teachability", 0.05, normalization="rank"),
+    _spec("teachability_entropy@0.05", "teachability_entropy", 0.05),
 ]
+CONFIGS = {c.name: c for c in ALL_CONFIGS}
+# The demo's set: every claim of the cross-task table at the budgets that decide it, sized for 10 minutes on 2 cores.
+DEFAULT_CONFIG_NAMES = ("all_tokens", "random@0.2", "raw_kl@0.1", "entropy_sample@0.2", "entropy_kl_sample@0.2",
+                        "soft_or@0.2", "q3@0.1", "teachability@0.1", "teachability_minmax@0.1",
+                        "teachability_rank@0.1")
 
 
 @dataclass
@@ -61,25 +93,29 @@ class StudySettings:
     seeds: tuple = (0, 1, 2)
     steps: int = 40
     batch_size: int = 32
-    learning_rate: float = 5e-4  # 2e-3 made all-token OPD diverge on the lab (EM 0.22 -> 0.13); 5e-4 and 1e-3 learn
+    learning_rate: float = 5e-4  # 2e-3 made all-token OPD diverge on the addition lab (EM 0.22 -> 0.13)
     n_eval: int = 300
     n_probe: int = 200
-    threads: int = 2
-    # TA-OPD's K: the lab's vocabulary has 18 tokens, so the papers' K = 16 would make both top-K sets nearly the
-    # whole vocabulary (support mass ~1, local KL = forward KL); K = 4 keeps the two axes informative.
-    support_top_k: int = 4
+    workers: int = 0  # 0: one per available core
+    bootstrap: int = 2000
 
 
 PRESETS = {
     "default": StudySettings(),
     "full": StudySettings(seeds=(0, 1, 2, 3, 4), steps=120, n_eval=500, n_probe=500),
-    "smoke": StudySettings(seeds=(0,), steps=2, batch_size=8, n_eval=16, n_probe=16),
+    "smoke": StudySettings(seeds=(0,), steps=2, batch_size=8, n_eval=16, n_probe=16, bootstrap=200),
 }
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 10 ms from /proc (frees lower the RSS, so a run
-    in a long-lived process is measured on its own)."""
+    """Peak resident memory above the level at entry, sampled every 10 ms from /proc."""
 
     def __enter__(self):
         self.start = self.peak = self._rss()
@@ -109,14 +145,35 @@ class PeakRSS:
         self.extra_gb = (self.peak - self.start) / 2**30
 
 
+# ------------------------------------------------------------------------------------------- compute accounting
+def needs_statistics(spec: RunSpec) -> bool:
+    """Whether the rule needs the statistics pass (rules reading no statistic skip it when the census is off)."""
+    from tip_ext.selectors import needed_stats
+
+    return spec.selector is not None and bool(needed_stats(spec.selector, **spec.options))
+
+
+def compute_ratio(spec: RunSpec, kept_fraction: float) -> float:
+    """lm_head compute of one selective step relative to one all-token step (MEASUREMENTS.md's floor): an
+    all-token step costs 6 row-projections per token (student and teacher forward, recompute, two gradient
+    matmuls), a selective step 2 per token for the statistics pass (student and teacher) plus 6 per kept token."""
+    if spec.selector is None:
+        return 1.0
+    return (2.0 * needs_statistics(spec) + 6.0 * kept_fraction) / 6.0
+
+
 # ------------------------------------------------------------------------------------------- selector probe
 @torch.no_grad()
-def probe_selectors(student, teacher, tokenizer, prompts, configs, max_new_tokens, seed=0, top_k=16) -> dict:
-    """Precision / recall of each configuration's kept set for the known Q3 positions, and the quadrant census."""
+def probe_selectors(student, teacher, tokenizer, prompts, configs, max_new_tokens, seed=0, task=None) -> dict:
+    """Kept fraction, precision / recall for the task's known positions, quadrant census and normalization spread of
+    each configuration's rule on the warm-started student's sampled completions."""
     from tip_ext import quadrant_census, select, token_stats
+    from tip_ext.selectors import normalization_spread
 
+    task = get_task(task or "addition")
     comps = generate_completions(student, tokenizer, prompts, max_new_tokens, greedy=False, seed=seed)
     s_rows, t_rows, labels, seq = [], [], [], []
+    known = True
     for i, (prompt, comp) in enumerate(zip(prompts, comps)):
         if comp.numel() == 0:
             continue
@@ -125,42 +182,75 @@ def probe_selectors(student, teacher, tokenizer, prompts, configs, max_new_token
         rows = slice(len(prompt_ids) - 1, ids.shape[1] - 1)  # positions predicting the completion tokens
         s_rows.append(student(input_ids=ids).logits[0, rows])
         t_rows.append(teacher(input_ids=ids).logits[0, rows])
-        labels += T.error_positions(prompt, comp.tolist(), tokenizer)
+        marks = task.positions_of_interest(prompt, comp.tolist(), tokenizer)
+        known = known and marks is not None
+        labels += marks if marks is not None else [False] * comp.numel()
         seq += [i] * comp.numel()
-    stats = token_stats(torch.cat(s_rows), torch.cat(t_rows), top_k=top_k)
-    is_q3 = torch.tensor(labels, dtype=torch.bool)
+    is_known = torch.tensor(labels, dtype=torch.bool)
     seq = torch.tensor(seq)
-    census = quadrant_census(stats["entropy_norm"], stats["reverse_kl"], is_q3)
-    out = {"tokens": int(is_q3.numel()), "q3_positions": int(is_q3.sum()),
-           "census_all": {q: census[f"all/{q}"] for q in ("Q1", "Q2", "Q3", "Q4")},
-           "census_q3_positions": {q: census[f"kept/{q}"] for q in ("Q1", "Q2", "Q3", "Q4")}, "selectors": {}}
+    out = {"tokens": int(is_known.numel()), "known_positions": int(is_known.sum()) if known else None,
+           "selectors": {}, "spread": {}}
+    by_k: dict[int, dict] = {}
     for spec in configs:
-        keep = (torch.ones_like(is_q3) if spec.selector is None else
-                select(spec.selector, stats, spec.ratio, sequence_ids=seq, generator=torch.Generator().manual_seed(seed),
+        if spec.support_top_k not in by_k:
+            by_k[spec.support_top_k] = token_stats(torch.cat(s_rows), torch.cat(t_rows), top_k=spec.support_top_k)
+    stats = next(iter(by_k.values()))
+    census = quadrant_census(stats["entropy_norm"], stats["reverse_kl"], is_known)
+    out["census_all"] = {q: census[f"all/{q}"] for q in ("Q1", "Q2", "Q3", "Q4")}
+    out["census_known"] = {q: census[f"kept/{q}"] for q in ("Q1", "Q2", "Q3", "Q4")}
+    for spec in configs:
+        st = by_k[spec.support_top_k]
+        keep = (torch.ones_like(is_known) if spec.selector is None else
+                select(spec.selector, st, spec.ratio, sequence_ids=seq, generator=torch.Generator().manual_seed(seed),
                        **spec.options).keep)
-        hits = int((keep & is_q3).sum())
-        kept_census = quadrant_census(stats["entropy_norm"], stats["reverse_kl"], keep)
+        hits = int((keep & is_known).sum())
+        kept_census = quadrant_census(st["entropy_norm"], st["reverse_kl"], keep)
         out["selectors"][spec.name] = {
             "kept_fraction": keep.float().mean().item(),
-            "precision": hits / max(int(keep.sum()), 1),
-            "recall": hits / max(int(is_q3.sum()), 1),
+            "precision": hits / max(int(keep.sum()), 1) if known else None,
+            "recall": hits / max(int(is_known.sum()), 1) if known else None,
             "kept_census": {q: kept_census[f"kept/{q}"] for q in ("Q1", "Q2", "Q3", "Q4")},
         }
+        if spec.selector is not None:
+            spread = normalization_spread(spec.selector, st, **spec.options)
+            if spread:
+                out["spread"][f"K={spec.support_top_k}"] = spread
     return out
 
 
 # ------------------------------------------------------------------------------------------- distillation runs
+def _quiet():
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _worker_init():
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    _quiet()
+
+
 def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySettings, max_new_tokens: int,
-                     eval_prompts: list[str], work_dir: str) -> dict:
-    """One OPD run through the real trainer; returns its metrics."""
-    from opsd.core.config import OPDConfig
-    from opsd.data import load_prompt_dataset
-    from opsd.core.models import load_causal_lm, load_tokenizer
+                     eval_prompts: list[str], work_dir: str, task="addition", eval_at_steps: tuple = ()) -> dict:
+    """One OPD run through the real trainer; returns its metrics. `eval_at_steps`: also evaluate the student after
+    those steps (the all-token run's equal-compute points; the schedule is constant, so the state after s steps is
+    the state of an s-step run)."""
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from opsd.core.config import OPDConfig
+    from opsd.core.models import load_causal_lm, load_tokenizer
     from opsd.core.trainer import OPDTrainer
+    from opsd.data import load_prompt_dataset
     from tip_ext.trainer import SelectorConfig, make_selector
 
+    task = get_task(task)
     tokenizer = load_tokenizer(paths["tokenizer"])
     args = OPDConfig(
         output_dir=os.path.join(work_dir, f"{spec.name}-seed{seed}"), per_device_train_batch_size=settings.batch_size,
@@ -170,30 +260,80 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
         logging_steps=1, seed=seed, disable_tqdm=True, chunk_size=512,
     )
     selector = make_selector(SelectorConfig(selector=spec.selector, ratio=spec.ratio, selector_options=spec.options,
-                                            support_top_k=settings.support_top_k))
+                                            support_top_k=spec.support_top_k))
+    checkpoints: dict[int, dict] = {}
+    eval_seconds = [0.0]
+
+    class _EvalAt(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in eval_at_steps and state.global_step < settings.steps:
+                t = time.perf_counter()
+                was = model.training
+                model.eval()
+                checkpoints[state.global_step] = evaluate_student(model, teacher_ref[0], tokenizer, eval_prompts,
+                                                                  max_new_tokens, task)
+                model.train(was)
+                eval_seconds[0] += time.perf_counter() - t
+
+    teacher_ref = [None]
     with PeakRSS() as memory:
         start = time.perf_counter()
         trainer = OPDTrainer(load_causal_lm(paths["student"]), paths["teacher"], args=args,
                              train_dataset=load_prompt_dataset(paths["train_prompts"]), processing_class=tokenizer,
-                             token_selector=selector)
+                             token_selector=selector, callbacks=[_EvalAt()] if eval_at_steps else None)
+        teacher_ref[0] = trainer.accelerator.unwrap_model(trainer.teacher_model)
         trainer.remove_callback(PrinterCallback)  # per-step logs stay in the report, not on the terminal
+        setup_seconds = time.perf_counter() - start
         trainer.train()
-        train_seconds = time.perf_counter() - start
+        train_seconds = time.perf_counter() - start - setup_seconds - eval_seconds[0]
     student = trainer.model.eval()
-    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    t = time.perf_counter()
+    final = evaluate_student(student, teacher_ref[0], tokenizer, eval_prompts, max_new_tokens, task)
+    eval_seconds[0] += time.perf_counter() - t
     logs = [h for h in trainer.state.log_history if "loss" in h]
     kept = sum(h.get("kept_tokens", 0) for h in logs)
     generated = sum(h["kept_tokens"] / h["kept_fraction"] for h in logs if h.get("kept_fraction"))
+    degenerate = {k: sum(h.get(k, 0.0) for h in logs) / max(len(logs), 1)
+                  for k in sorted({k for h in logs for k in h if k.startswith("norm/") and k.endswith("/degenerate")})}
+    checkpoints[settings.steps] = final
     return {
-        "config": spec.name, "seed": seed, "selector": spec.selector, "ratio": spec.ratio,
-        "exact_match": evaluate_exact_match(student, tokenizer, eval_prompts, max_new_tokens),
-        "heldout_kl": heldout_kl(student, teacher, tokenizer, eval_prompts, max_new_tokens),
+        "task": task.name, "config": spec.name, "seed": seed, "selector": spec.selector, "ratio": spec.ratio,
+        "exact_match": final["exact_match"], "heldout_kl": final["heldout_kl"], "correct": final["correct"],
         "kept_tokens": kept, "generated_tokens": generated, "kept_fraction": kept / max(generated, 1),
-        "train_seconds": train_seconds, "peak_extra_gb": memory.extra_gb,
-        "final_loss": logs[-1]["loss"] if logs else None,
+        "compute_ratio": compute_ratio(spec, kept / max(generated, 1)),
+        "checkpoints": {str(s): {"exact_match": c["exact_match"], "heldout_kl": c["heldout_kl"], "correct": c["correct"]}
+                        for s, c in sorted(checkpoints.items())},
+        "degenerate_steps": degenerate,
+        "setup_seconds": setup_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds[0],
+        "peak_extra_gb": memory.extra_gb, "final_loss": logs[-1]["loss"] if logs else None,
     }
 
 
+def _run_job(job):
+    return run_distillation(*job[:-2], task=job[-2], eval_at_steps=job[-1])
+
+
+def _prepare_job(job):
+    cache_dir, cfg_dict, progress = job
+    return prepare_lab_models(cache_dir, LabConfig.from_dict(cfg_dict), progress=progress)
+
+
+def _imap(fn, jobs: list, workers: int):
+    """fn(job) for every job, yielded as they finish: in `workers` spawned processes (1 torch thread each), or in
+    this process when workers == 1."""
+    if workers <= 1:
+        for job in jobs:
+            yield fn(job)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: a forked child inherits the parent's OpenMP state and can deadlock
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        for fut in as_completed([pool.submit(fn, job) for job in jobs]):
+            yield fut.result()
+
+
+# ------------------------------------------------------------------------------------------- statistics
 def _mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -201,18 +341,126 @@ def _mean_sd(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(runs: list[dict], configs: list[RunSpec]) -> list[dict]:
+def equal_compute_flags(all_runs: dict[int, dict], seed: int, steps_total: int, ratio: float):
+    """Per-prompt correctness of the all-token run of `seed` after `ratio * steps_total` steps, linearly interpolated
+    between the two nearest evaluated step counts (step 0 = the warm start, stored under "0")."""
+    run = all_runs[seed]
+    points = sorted((int(s), np.asarray(c["correct"], float)) for s, c in run["checkpoints"].items())
+    target = ratio * steps_total
+    lo = max((p for p in points if p[0] <= target), key=lambda p: p[0], default=points[0])
+    hi = min((p for p in points if p[0] >= target), key=lambda p: p[0], default=points[-1])
+    if hi[0] == lo[0]:
+        return lo[1]
+    w = (target - lo[0]) / (hi[0] - lo[0])
+    return (1 - w) * lo[1] + w * hi[1]
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> dict:
+    """Mean of a - b ([seeds, prompts] arrays, paired by seed and prompt) with a 95% percentile bootstrap interval;
+    seeds and prompts are resampled with replacement (the same prompt resample for every seed)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    n_s, n_p = d.shape
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        rs = rng.integers(0, n_s, n_s)
+        rp = rng.integers(0, n_p, n_p)
+        boots[i] = d[np.ix_(rs, rp)].mean()
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if n_boot else (float("nan"), float("nan"))
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def summarize(runs: list[dict], configs: list[RunSpec], settings: StudySettings, start: dict) -> list[dict]:
+    base = {r["seed"]: r for r in runs if r["config"] == "all_tokens"}
+    start_flags = np.asarray(start["correct"], float)
     rows = []
     for spec in configs:
-        mine = [r for r in runs if r["config"] == spec.name]
+        mine = sorted((r for r in runs if r["config"] == spec.name), key=lambda r: r["seed"])
         if not mine:
             continue
         row = {"config": spec.name, "selector": spec.selector or "none (all tokens)", "ratio": spec.ratio,
-               "seeds": len(mine)}
-        for key in ("exact_match", "heldout_kl", "kept_fraction", "kept_tokens", "train_seconds", "peak_extra_gb"):
+               "options": spec.options, "seeds": len(mine)}
+        for key in ("exact_match", "heldout_kl", "kept_fraction", "compute_ratio", "setup_seconds", "train_seconds",
+                    "eval_seconds", "peak_extra_gb"):
             row[key], row[f"{key}_sd"] = _mean_sd([r[key] for r in mine])
+        axes = sorted({k for r in mine for k in r["degenerate_steps"]})
+        row["degenerate_steps"] = {k: statistics.fmean(r["degenerate_steps"].get(k, 0.0) for r in mine) for k in axes}
+        flags = np.stack([np.asarray(r["correct"], float) for r in mine])
+        row["vs_start"] = paired_interval(flags, np.tile(start_flags, (len(mine), 1)), settings.bootstrap)
+        paired = [r for r in mine if r["seed"] in base]
+        if paired and spec.selector is not None:
+            a = np.stack([np.asarray(r["correct"], float) for r in paired])
+            row["vs_all_equal_steps"] = paired_interval(
+                a, np.stack([np.asarray(base[r["seed"]]["correct"], float) for r in paired]), settings.bootstrap)
+            row["vs_all_equal_compute"] = paired_interval(
+                a, np.stack([equal_compute_flags(base, r["seed"], settings.steps, r["compute_ratio"]) for r in paired]),
+                settings.bootstrap)
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------------------- claims
+def _verdict(iv: dict | None, want: str) -> str:
+    """`want`: "above" (lo > 0 holds), "below" (hi < 0 holds), "match" (interval contains 0, or is above: holds)."""
+    if iv is None:
+        return "not run"
+    lo, hi = iv["lo"], iv["hi"]
+    text = f"{iv['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    if want == "above":
+        ok = "holds" if lo > 0 else ("fails" if hi < 0 else "unresolved")
+    elif want == "below":
+        ok = "holds" if hi < 0 else ("fails" if lo > 0 else "unresolved")
+    else:  # "matches" = not resolved as worse: the interval reaches 0 or lies above it
+        ok = "fails" if hi < 0 else "holds"
+    return f"{ok}: {text}"
+
+
+def _diff(rows: dict, a: str, b: str, runs: list[dict], settings: StudySettings) -> dict | None:
+    ra = sorted((r for r in runs if r["config"] == a), key=lambda r: r["seed"])
+    rb = {r["seed"]: r for r in runs if r["config"] == b}
+    ra = [r for r in ra if r["seed"] in rb]
+    if not ra:
+        return None
+    return paired_interval(np.stack([np.asarray(r["correct"], float) for r in ra]),
+                           np.stack([np.asarray(rb[r["seed"]]["correct"], float) for r in ra]), settings.bootstrap)
+
+
+# (claim, how it is tested): each test returns an interval and the direction that supports the claim
+CLAIMS = [
+    ("OPD (all tokens) beats the warm start", lambda rows, runs, s: (rows.get("all_tokens", {}).get("vs_start"), "above")),
+    ("entropy sampling 20% matches all tokens at equal steps (TIP)",
+     lambda rows, runs, s: (rows.get("entropy_sample@0.2", {}).get("vs_all_equal_steps"), "match")),
+    ("soft-OR 20% matches all tokens at equal steps (TIP)",
+     lambda rows, runs, s: (rows.get("soft_or@0.2", {}).get("vs_all_equal_steps"), "match")),
+    ("Q3-only 10% matches all tokens at equal steps (TIP)",
+     lambda rows, runs, s: (rows.get("q3@0.1", {}).get("vs_all_equal_steps"), "match")),
+    ("random 20% is worse than all tokens (control)",
+     lambda rows, runs, s: (rows.get("random@0.2", {}).get("vs_all_equal_steps"), "below")),
+    ("teachability 10% beats raw reverse-KL top 10% (TA-OPD)",
+     lambda rows, runs, s: (_diff(rows, "teachability@0.1", "raw_kl@0.1", runs, s), "above")),
+    ("teachability 10% matches all tokens at equal steps (TA-OPD)",
+     lambda rows, runs, s: (rows.get("teachability@0.1", {}).get("vs_all_equal_steps"), "match")),
+    ("min-max normalization beats TA-OPD's q05/q95 at 10%",
+     lambda rows, runs, s: (_diff(rows, "teachability_minmax@0.1", "teachability@0.1", runs, s), "above")),
+    ("rank normalization beats TA-OPD's q05/q95 at 10%",
+     lambda rows, runs, s: (_diff(rows, "teachability_rank@0.1", "teachability@0.1", runs, s), "above")),
+    ("entropy x KL sampling 20% beats all tokens at equal lm_head compute (moonshot candidate)",
+     lambda rows, runs, s: (rows.get("entropy_kl_sample@0.2", {}).get("vs_all_equal_compute"), "above")),
+    ("entropy sampling 20% beats all tokens at equal lm_head compute",
+     lambda rows, runs, s: (rows.get("entropy_sample@0.2", {}).get("vs_all_equal_compute"), "above")),
+]
+
+
+def claim_table(task_results: dict) -> list[dict]:
+    out = []
+    for claim, test in CLAIMS:
+        row = {"claim": claim}
+        for task, res in task_results.items():
+            rows = {r["config"]: r for r in res["summary"]}
+            iv, want = test(rows, res["runs"], StudySettings(**{**res["settings"], "seeds": tuple(res["settings"]["seeds"])}))
+            row[task] = _verdict(iv, want)
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -222,39 +470,69 @@ def _fmt(mean, sd, digits=3):
     return f"{mean:.{digits}f}" if not sd else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _fi(iv: dict | None) -> str:
+    return "" if iv is None else f"{iv['mean']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]"
+
+
 def format_report(result: dict) -> str:
-    lab, probe, settings = result["lab"], result["probe"], result["settings"]
-    start = result["start"]
+    lab, probe, settings, start = result["lab"], result["probe"], result["settings"], result["start"]
+    task = result["task"]
     lines = [
-        "# CPU distillation lab: default study", "",
-        f"Date {result['date']}; {settings['steps']} OPD steps x batch {settings['batch_size']}, lr "
-        f"{settings['learning_rate']}, seeds {list(settings['seeds'])}; held-out prompts: {settings['n_eval']}; "
-        f"{settings['threads']} CPU threads; total wall time {result['wall_seconds']:.0f} s.", "",
+        f"## Task `{task}`", "",
+        f"Regime: {TASKS[task].regime}.", "",
+        f"{settings['steps']} OPD steps x batch {settings['batch_size']}, lr {settings['learning_rate']}, seeds "
+        f"{list(settings['seeds'])}; {settings['n_eval']} held-out prompts; {result['workers']} worker processes x 1 "
+        f"thread; wall time of this task {result['wall_seconds']:.0f} s (models {'cached' if lab['cached'] else 'trained'}"
+        f" {lab['prepare_seconds']:.0f} s).", "",
         f"Teacher exact match {lab['teacher_exact_match']:.3f}; warm-started student {start['exact_match']:.3f}, "
         f"held-out KL {start['heldout_kl']:.3f} (before distillation).", "",
-        "## Distillation at equal steps and seeds (mean ± sd over seeds)", "",
-        "| config | kept fraction | exact match after | held-out KL after | train time (s) | peak extra RSS (GB) |",
-        "|---|---|---|---|---|---|",
+        "Differences are paired against all tokens over the same seeds and held-out prompts (bootstrap 95% over "
+        "seeds x prompts). Equal compute: all tokens after compute_ratio x steps (lm_head row-projections, the "
+        "statistics pass counted), interpolated between evaluated steps.", "",
+        "| config | kept | compute | exact match | held-out KL | vs all, equal steps | vs all, equal compute | "
+        "train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["summary"]:
-        lines.append(f"| {row['config']} | {_fmt(row['kept_fraction'], 0, 3)} | "
-                     f"{_fmt(row['exact_match'], row['exact_match_sd'])} | {_fmt(row['heldout_kl'], row['heldout_kl_sd'])} | "
-                     f"{_fmt(row['train_seconds'], row['train_seconds_sd'], 1)} | "
-                     f"{_fmt(row['peak_extra_gb'], 0, 3)} |")
+        lines.append(
+            f"| {row['config']} | {_fmt(row['kept_fraction'], 0)} | {_fmt(row['compute_ratio'], 0, 2)} | "
+            f"{_fmt(row['exact_match'], row['exact_match_sd'])} | {_fmt(row['heldout_kl'], row['heldout_kl_sd'], 2)} | "
+            f"{_fi(row.get('vs_all_equal_steps'))} | {_fi(row.get('vs_all_equal_compute'))} | "
+            f"{_fmt(row['train_seconds'], 0, 1)} |")
+    degenerate = [f"{row['config']}: " + ", ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in row["degenerate_steps"].items())
+                  for row in result["summary"] if row.get("degenerate_steps")]
+    if degenerate:
+        lines += ["", "Share of training steps with a degenerate normalization axis (logged as norm/<axis>/degenerate): "
+                  + "; ".join(degenerate) + "."]
+    known = probe["known_positions"]
     lines += [
-        "", "## Selector probe: known Q3 positions (token right after the student's first mistake)", "",
-        f"{probe['tokens']} sampled tokens of the warm-started student, {probe['q3_positions']} known Q3 positions. "
-        "Census (median thresholds) of all tokens: "
+        "", f"Selector probe: {probe['tokens']} sampled tokens of the warm-started student"
+        + (f", {known} known positions ({known / max(probe['tokens'], 1):.1%})" if known is not None else "")
+        + ". Census (median thresholds) of all tokens: "
         + ", ".join(f"{q} {v:.2f}" for q, v in probe["census_all"].items())
-        + "; of the known Q3 positions: " + ", ".join(f"{q} {v:.2f}" for q, v in probe["census_q3_positions"].items())
-        + ".", "",
+        + ("; of the known positions: " + ", ".join(f"{q} {v:.2f}" for q, v in probe["census_known"].items())
+           if known else "") + ".", "",
         "| config | kept fraction | precision | recall | kept Q1 | kept Q2 | kept Q3 | kept Q4 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in probe["selectors"].items():
         c = s["kept_census"]
-        lines.append(f"| {name} | {s['kept_fraction']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | "
+        p = "n/a" if s["precision"] is None else f"{s['precision']:.3f}"
+        r = "n/a" if s["recall"] is None else f"{s['recall']:.3f}"
+        lines.append(f"| {name} | {s['kept_fraction']:.3f} | {p} | {r} | "
                      f"{c['Q1']:.2f} | {c['Q2']:.2f} | {c['Q3']:.2f} | {c['Q4']:.2f} |")
+    for k, spread in probe["spread"].items():
+        lines += ["", f"Normalization spread on the probe ({k}): " + "; ".join(
+            f"{axis} q05 {v['q_low']:.3f} q95 {v['q_high']:.3f} min {v['min']:.3f} max {v['max']:.3f}"
+            + (" (degenerate)" if v["degenerate"] else "") for axis, v in spread.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def format_cross_task(claims: list[dict], tasks: list[str]) -> str:
+    lines = ["## Which conclusions hold on which task", "",
+             "| claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for row in claims:
+        lines.append(f"| {row['claim']} | " + " | ".join(row[t] for t in tasks) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,11 +542,10 @@ def plot_report(result: dict, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     families = {}
     for row in result["summary"]:
-        families.setdefault(row["selector"], []).append(row)
+        families.setdefault(row["selector"] + str(row["options"] or ""), []).append(row)
     for family, rows in families.items():
         rows = sorted(rows, key=lambda r: r["kept_fraction"])
         ax.errorbar([r["kept_fraction"] for r in rows], [r["exact_match"] for r in rows],
@@ -277,124 +554,171 @@ def plot_report(result: dict, out_dir: str) -> list[str]:
     ax.set_xscale("log")
     ax.set_xlabel("kept fraction of generated tokens")
     ax.set_ylabel("held-out exact match after OPD")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(result["task"])
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "accuracy_vs_budget.png"))
-    fig.savefig(paths[-1])
+    path = os.path.join(out_dir, "accuracy_vs_budget.png")
+    fig.savefig(path)
     plt.close(fig)
-
-    probe = result["probe"]
-    names = ["all tokens", "known Q3 positions", *probe["selectors"]]
-    shares = [probe["census_all"], probe["census_q3_positions"], *[s["kept_census"] for s in probe["selectors"].values()]]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    bottom = [0.0] * len(names)
-    for q, color in zip(("Q1", "Q2", "Q3", "Q4"), ("tab:red", "tab:orange", "tab:purple", "tab:gray")):
-        values = [s[q] for s in shares]
-        ax.bar(range(len(names)), values, bottom=bottom, color=color, label=q)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("share of tokens")
-    ax.set_title("Quadrant census (median thresholds): all, known Q3 positions, kept by each rule")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "census.png"))
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    return paths
+    return [path]
 
 
-def run_study(output_dir: str, settings: StudySettings, configs=None, cache_dir=".cache/lab",
-              lab_config: LabConfig | None = None, progress: bool = True) -> dict:
+# ------------------------------------------------------------------------------------------- study
+def _eval_prompts(paths, n):
+    with open(paths["eval_prompts"]) as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()][:n]
+
+
+def run_study(output_dir: str, settings: StudySettings, configs=None, cache_dir=".cache/lab", tasks=None,
+              lab_configs: dict | None = None, progress: bool = True) -> dict:
+    """The study over `tasks` (names; default all built-in); `lab_configs` maps a task name to its LabConfig."""
     from tqdm.auto import tqdm
 
     from opsd.core.models import load_causal_lm, load_tokenizer
 
-    configs = configs or DEFAULT_CONFIGS
-    torch.set_num_threads(settings.threads)
+    configs = list(configs or [CONFIGS[n] for n in DEFAULT_CONFIG_NAMES])
+    tasks = list(tasks or TASKS)
+    lab_configs = {t: (lab_configs or {}).get(t) or default_lab_config(t) for t in tasks}
+    workers = settings.workers or available_cores()
     os.makedirs(output_dir, exist_ok=True)
     t0 = time.perf_counter()
-    lab = prepare_lab_models(cache_dir, lab_config, progress=progress)
-    paths, task_cfg = lab["paths"], T.TaskConfig(**lab["config"]["task"])
-    max_new_tokens = T.max_completion_chars(task_cfg)
-    eval_prompts = [r["prompt"] for r in T.read_prompt_file(paths["eval_prompts"])][: settings.n_eval]
-    tokenizer = load_tokenizer(paths["tokenizer"])
-    student, teacher = load_causal_lm(paths["student"]).eval(), load_causal_lm(paths["teacher"]).eval()
-    start = {"exact_match": evaluate_exact_match(student, tokenizer, eval_prompts, max_new_tokens),
-             "heldout_kl": heldout_kl(student, teacher, tokenizer, eval_prompts, max_new_tokens)}
-    probe = probe_selectors(student, teacher, tokenizer, eval_prompts[: settings.n_probe], configs, max_new_tokens,
-                            top_k=settings.support_top_k)
-    runs = []
-    jobs = [(spec, seed) for spec in configs for seed in settings.seeds]
-    bar = tqdm(jobs, desc="OPD runs", disable=not progress, file=sys.stdout)
-    for spec, seed in bar:
-        bar.set_postfix_str(f"{spec.name} seed {seed}")
-        runs.append(run_distillation(spec, seed, paths, settings, max_new_tokens, eval_prompts,
-                                     os.path.join(output_dir, "runs")))
-    teacher_metrics = lab["metrics"]["teacher"]
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "settings": asdict(settings), "lab_key": lab["key"],
-        "lab": {"teacher_exact_match": teacher_metrics.get("exact_match"), "metrics": lab["metrics"],
-                "cached": lab["cached"]},
-        "start": start, "probe": probe, "runs": runs, "summary": summarize(runs, configs),
-        "wall_seconds": time.perf_counter() - t0,
-    }
-    with open(os.path.join(output_dir, "report.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    report = format_report(result)
+    torch.set_num_threads(1)
+
+    def say(msg):
+        if progress:
+            print(msg, file=sys.stdout, flush=True)
+
+    # 1. models, one task per worker
+    say(f"[lab] preparing models for {tasks} ({workers} workers x 1 thread)")
+    labs, prep_seconds = {}, {}
+    prep_jobs = [(cache_dir, lab_configs[t].to_dict(), False) for t in tasks]
+    for lab in _imap(_prepare_job, prep_jobs, min(workers, len(tasks))):
+        t = lab["config"]["task_name"]
+        labs[t], prep_seconds[t] = lab, time.perf_counter() - t0
+        say(f"[lab] {t}: models {'cached' if lab['cached'] else 'trained'} after {prep_seconds[t]:.0f} s")
+
+    # 2. start point and probe (in this process), job list
+    per_task, jobs = {}, []
+    for t in tasks:
+        task = lab_configs[t].make_task()
+        paths = labs[t]["paths"]
+        max_new = task.max_new_tokens
+        prompts = _eval_prompts(paths, settings.n_eval)
+        tokenizer = load_tokenizer(paths["tokenizer"])
+        student, teacher = load_causal_lm(paths["student"]).eval(), load_causal_lm(paths["teacher"]).eval()
+        start = evaluate_student(student, teacher, tokenizer, prompts, max_new, task)
+        probe = probe_selectors(student, teacher, tokenizer, prompts[: settings.n_probe], configs, max_new, task=task)
+        # the all-token run is evaluated where each selective configuration's compute would stop it
+        eval_steps = sorted({max(1, round(compute_ratio(c, probe["selectors"][c.name]["kept_fraction"]) * settings.steps))
+                             for c in configs if c.selector is not None} - {settings.steps})
+        per_task[t] = {"task_obj": task, "paths": paths, "prompts": prompts, "start": start, "probe": probe,
+                       "eval_steps": eval_steps}
+        for spec in configs:
+            for seed in settings.seeds:
+                jobs.append((spec, seed, paths, settings, max_new, prompts, os.path.join(output_dir, t, "runs"), task,
+                             tuple(eval_steps) if spec.selector is None else ()))
+    # the all-token runs first: they are the longest (extra evaluations) and everything is compared with them
+    jobs.sort(key=lambda j: j[0].selector is not None)
+
+    # 3. runs
+    runs = {t: [] for t in tasks}
+    run_t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc="OPD runs", disable=not progress, file=sys.stdout, mininterval=2)
+    for r in _imap(_run_job, jobs, workers):
+        runs[r["task"]].append(r)
+        bar.set_postfix_str(f"{r['task']} {r['config']} seed {r['seed']}")
+        bar.update()
+    bar.close()
+    runs_seconds = time.perf_counter() - run_t0
+
+    # 4. per-task results
+    results = {}
+    for t in tasks:
+        pt = per_task[t]
+        start = dict(pt["start"])
+        for r in runs[t]:  # step 0 of the all-token curve is the warm start
+            if r["config"] == "all_tokens":
+                r["checkpoints"]["0"] = {k: start[k] for k in ("exact_match", "heldout_kl", "correct")}
+        lab = labs[t]
+        res = {
+            "task": t, "date": time.strftime("%Y-%m-%d %H:%M"), "settings": asdict(settings), "lab_key": lab["key"],
+            "lab": {"teacher_exact_match": lab["metrics"]["teacher"].get("exact_match"), "metrics": lab["metrics"],
+                    "cached": lab["cached"], "prepare_seconds": prep_seconds[t], "config": lab["config"]},
+            "start": start, "probe": pt["probe"], "runs": sorted(runs[t], key=lambda r: (r["config"], r["seed"])),
+            "summary": summarize(runs[t], configs, settings, start), "equal_compute_steps": pt["eval_steps"],
+            "workers": workers, "wall_seconds": time.perf_counter() - t0, "runs_seconds": runs_seconds,
+        }
+        out = os.path.join(output_dir, t)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(out, "report.md"), "w") as f:
+            f.write(format_report(res))
+        res["plots"] = plot_report(res, out)
+        results[t] = res
+    claims = claim_table(results)
+    wall = time.perf_counter() - t0
+    text = [f"# CPU distillation lab: {', '.join(tasks)}", "",
+            f"Date {time.strftime('%Y-%m-%d %H:%M')}; {len(jobs)} OPD runs on {workers} workers x 1 thread; "
+            f"total wall time {wall:.0f} s (model preparation {max(prep_seconds.values()):.0f} s, runs "
+            f"{runs_seconds:.0f} s); load average at the end {os.getloadavg()[0]:.1f}.", ""]
+    text += [format_report(results[t]) for t in tasks]
+    text += [format_cross_task(claims, tasks)]
     with open(os.path.join(output_dir, "report.md"), "w") as f:
-        f.write(report)
-    result["plots"] = plot_report(result, output_dir)
-    return result
+        f.write("\n".join(text))
+    with open(os.path.join(output_dir, "claims.json"), "w") as f:
+        json.dump(claims, f, indent=1)
+    return {"tasks": results, "claims": claims, "wall_seconds": wall, "report": "\n".join(text)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lab.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", action="append", default=None, choices=sorted(TASKS),
+                        help="task to run (repeatable); default: every built-in task")
     parser.add_argument("--output_dir", default=None, help="default: runs/lab-<preset>-<time>")
-    parser.add_argument("--full", action="store_true", help="the complete study: 5 seeds, 120 steps, 500 held-out prompts")
+    parser.add_argument("--full", action="store_true",
+                        help="the complete study: every configuration, 5 seeds, 120 steps, 500 held-out prompts")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    parser.add_argument("--configs", nargs="+", default=None, help="subset of configuration names to run")
+    parser.add_argument("--configs", nargs="+", default=None, help=f"configuration names; known: {sorted(CONFIGS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--learning_rate", type=float, default=None)
     parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: available cores)")
     parser.add_argument("--cache_dir", default=".cache/lab")
     parser.add_argument("--lab_config", default=None,
-                        help="JSON file with a LabConfig (e.g. a cached lab's config.json); default: LabConfig()")
+                        help="JSON file with a LabConfig (e.g. a cached lab's config.json) for its task")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    # keep the terminal for the study's own progress: library deprecation notices and weight-loading bars are noise
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    _quiet()
     preset = args.preset or ("full" if args.full else "default")
-    settings = PRESETS[preset]
+    settings = replace(PRESETS[preset])
     if args.seeds:
         settings.seeds = tuple(args.seeds)
-    for name in ("steps", "learning_rate", "batch_size"):
-        if getattr(args, name):
+    for name in ("steps", "learning_rate", "batch_size", "workers"):
+        if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    configs = DEFAULT_CONFIGS
-    if args.configs:
-        unknown = set(args.configs) - {c.name for c in DEFAULT_CONFIGS}
-        if unknown:
-            parser.error(f"unknown configs {sorted(unknown)}; known: {[c.name for c in DEFAULT_CONFIGS]}")
-        configs = [c for c in DEFAULT_CONFIGS if c.name in args.configs]
-    output_dir = args.output_dir or os.path.join("runs", f"lab-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    lab_config = None
+    if settings.workers < 0:
+        parser.error("--workers must be >= 0 (0 = one per available core)")
+    names = list(CONFIGS) if args.full and not args.configs else (args.configs or DEFAULT_CONFIG_NAMES)
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {sorted(CONFIGS)}")
+    if "all_tokens" not in names:
+        names = ["all_tokens", *names]  # every comparison is against it
+    configs = [CONFIGS[n] for n in CONFIGS if n in names]
+    lab_configs = None
     if args.lab_config:
         with open(args.lab_config) as f:
-            lab_config = LabConfig.from_dict({k: v for k, v in json.load(f).items() if k != "version"})
-    result = run_study(output_dir, settings, configs, cache_dir=args.cache_dir, lab_config=lab_config,
-                       progress=not args.no_progress)
+            cfg = LabConfig.from_dict({k: v for k, v in json.load(f).items() if k != "version"})
+        lab_configs = {cfg.task_name: cfg}
+    output_dir = args.output_dir or os.path.join("runs", f"lab-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_study(output_dir, settings, configs, cache_dir=args.cache_dir, tasks=args.task,
+                       lab_configs=lab_configs, progress=not args.no_progress)
     print()
-    print(format_report(result))
-    print(f"Report: {output_dir}/report.md (JSON: report.json; plots: {', '.join(result['plots'])})")
+    print(result["report"])
+    print(f"Report: {output_dir}/report.md (per task: {output_dir}/<task>/report.md, report.json, plots)")
     return result
 
 

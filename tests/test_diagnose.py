@@ -25,8 +25,8 @@ LR = 1e-2
 @pytest.fixture(scope="module")
 def pair():
     tok = make_tokenizer()
-    student = make_model(len(tok), hidden=32, seed=0)
-    teacher = make_model(len(tok), hidden=48, seed=1)
+    student = make_model(len(tok), hidden=64, seed=0)
+    teacher = make_model(len(tok), hidden=128, seed=1)
     return student, teacher, tok
 
 
@@ -42,6 +42,24 @@ def result(pair, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ independent references
+
+
+# Rule scores divide statistics by a batch range (q95 - q05 of D and C, max - min of KL): two float32 passes that agree
+# to ~1e-6 (different padding, chunking or batch size) can differ by ~1e-6 / range after normalization.
+NORMALIZED = {"teachability", "incompatible", "soft_or", "q3", "teachability_entropy"}
+
+
+# AdamW's update lr * m / (sqrt(v) + eps) has slope up to lr / eps in the gradient where |g| ~ eps (1e-8): two
+# float32 gradient passes that differ by ~1e-10 (measured 3e-11 on k_proj, 1e-8 on the embeddings, whose |g| ~ 1e-2
+# makes Adam insensitive) can move such an entry by lr * 1e-10 / 1e-8 = 1e-2 * lr per step. Parameters after a few
+# AdamW steps are compared with that bound; the loss values, which Adam does not amplify, with a tight tolerance.
+def adam_atol(steps, lr=LR):
+    return steps * lr * 1e-2
+
+
+def assert_scores_close(got, want, name):
+    atol = 2e-4 if name in NORMALIZED else 1e-5
+    torch.testing.assert_close(got, want, atol=atol, rtol=1e-4, msg=name)
 
 
 def direct_logits(model, bank, b):
@@ -93,8 +111,8 @@ def test_scores_equal_token_stats_on_materialized_logits(pair, result):
     for name in STAT_NAMES:
         torch.testing.assert_close(scores[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
     d, c = ref["local_forward_kl"].numpy(), ref["support_mass"].numpy()
-    np.testing.assert_allclose(scores["teachability"].numpy(), robust(d) * robust(c), atol=1e-5)
-    np.testing.assert_allclose(scores["incompatible"].numpy(), robust(d) * (1 - robust(c)), atol=1e-5)
+    np.testing.assert_allclose(scores["teachability"].numpy(), robust(d) * robust(c), atol=2e-4)
+    np.testing.assert_allclose(scores["incompatible"].numpy(), robust(d) * (1 - robust(c)), atol=2e-4)
     assert set(D.SCORES) <= set(scores)
 
 
@@ -150,7 +168,6 @@ def test_gains_equal_kl_before_minus_after(pair, result):
         np.testing.assert_allclose(result["_runs"][key]["rel_gain"], np.clip(rel, lo, hi), rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.xfail(reason="TEMPORARY during the layout move: the lab branch fixes it (exact float comparison)", strict=False)
 def test_update_is_mean_reverse_kl_over_kept_tokens(pair, result):
     """Re-run one selector's update by hand (unpadded sequences, plain AdamW) and compare the weights."""
     student, teacher, _ = pair
@@ -160,6 +177,7 @@ def test_update_is_mean_reverse_kl_over_kept_tokens(pair, result):
     zt = direct_all(teacher, bank)
     model = copy.deepcopy(student)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    ref_losses = []
     for _ in range(2):
         opt.zero_grad()
         zs = torch.cat([model(input_ids=torch.tensor([bank.prompt_ids[b] + bank.response_ids[b]])).logits[0][
@@ -167,15 +185,17 @@ def test_update_is_mean_reverse_kl_over_kept_tokens(pair, result):
             for b in range(bank.n_contexts)])
         ls, lt = torch.log_softmax(zs[keep], -1), torch.log_softmax(zt[keep], -1)
         loss = (ls.exp() * (ls - lt)).sum(-1).mean()
+        ref_losses.append(loss.item())
         loss.backward()
         opt.step()
+    ours_losses = next(r["losses"] for r in result["runs"] if r["key"] == key)
+    assert ours_losses == pytest.approx(ref_losses, rel=1e-5)  # the loss values: no Adam amplification
     ours = dict(result["_models"][key].named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ours[name], p, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ours[name], p, atol=adam_atol(2), rtol=1e-4, msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), student.parameters()))
 
 
-@pytest.mark.xfail(reason="TEMPORARY during the layout move: the lab branch fixes it (exact float comparison)", strict=False)
 def test_restricted_update_lowers_kept_kl_and_empty_set_changes_nothing(pair, result):
     student, teacher, tok = pair
     bank, scores = result["_bank"], result["_scores"]
@@ -194,7 +214,8 @@ def test_restricted_update_lowers_kept_kl_and_empty_set_changes_nothing(pair, re
     for p, q in zip(same.parameters(), student.parameters()):
         assert torch.equal(p, q)
     after0 = D.bank_stats(same, teacher, bank, names=("forward_kl",), tokenizer=tok)["forward_kl"].double()
-    assert torch.equal(after0, before)
+    # a separate statistics pass (other batching than the scoring pass): equal up to float32 rounding
+    torch.testing.assert_close(after0, before, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ bootstrap and statistics
@@ -316,18 +337,18 @@ def test_uncached_teacher_gives_the_same_scores_and_update(pair, result):
     student, teacher, tok = pair
     bank, scores = result["_bank"], result["_scores"]
     vocab = len(tok)
-    cached = D.TeacherLogits(teacher, bank, vocab, batch_size=4)
-    uncached = D.TeacherLogits(teacher, bank, vocab, batch_size=4, cache_gb=0)
+    cached = D.TeacherStates(teacher, bank, vocab, batch_size=4)
+    uncached = D.TeacherStates(teacher, bank, vocab, batch_size=4, cache_gb=0)
     assert cached.cache is not None and uncached.cache is None
     again = D.score_bank(student, uncached, bank, batch_size=3)
     for name in D.SCORES:
-        torch.testing.assert_close(again[name], scores[name], atol=1e-5, rtol=1e-4, msg=name)
+        assert_scores_close(again[name], scores[name], name)
     sel, _ = D.select_on_bank("teachability", scores, bank, 0.3)
     a, la = D.train_on_bank(student, cached, bank, sel.keep, steps=2, lr=LR, batch_size=2)
     b, lb = D.train_on_bank(student, uncached, bank, sel.keep, steps=2, lr=LR, batch_size=5)
-    assert la == pytest.approx(lb, rel=1e-4)
+    assert la == pytest.approx(lb, rel=1e-5)
     for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p, q, atol=adam_atol(2), rtol=1e-4)
 
 
 def test_cli_defaults_to_the_lab(tmp_path, monkeypatch):

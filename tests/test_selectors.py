@@ -515,3 +515,102 @@ def test_random_rule():
     b = select("random", stats, 0.25, generator=torch.Generator().manual_seed(1)).keep
     c = select("random", stats, 0.25, generator=torch.Generator().manual_seed(2)).keep
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------ teachability normalizations (quantile / minmax / rank)
+
+
+def ref_rank01(z):
+    """(average rank - 1) / (N - 1), ties share their mean rank; written from the definition, O(N^2)."""
+    z = np.asarray(z, dtype=np.float64)
+    n = len(z)
+    if n == 1:
+        return np.zeros(1)
+    below = (z[None, :] < z[:, None]).sum(1)
+    equal = (z[None, :] == z[:, None]).sum(1)
+    return (below + (equal - 1) / 2) / (n - 1)
+
+
+REF_NORMS = {"quantile": robust, "minmax": minmax, "rank": ref_rank01}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("normalization", ["quantile", "minmax", "rank"])
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.5])
+def test_teachability_normalizations_match_their_formulas(normalization, ratio, quantized):
+    st, seq = make_batch(seed=31 + int(ratio * 100), quantized=quantized)
+    r = f32(st)
+    norm = REF_NORMS[normalization]
+    d, c = norm(r["local_forward_kl"]), norm(r["support_mass"])
+    for rule, options, score in (
+        ("teachability", {}, d * c),
+        ("teachability", {"incompatible": True}, d * (1 - c)),
+        ("teachability_entropy", {}, 1 - (1 - norm(r["entropy"])) * (1 - d * c)),
+    ):
+        sel = run(rule, st, seq, ratio, normalization=normalization, **options)
+        np.testing.assert_allclose(sel.score.double().numpy(), score, rtol=1e-5, atol=1e-6, err_msg=f"{rule} {options}")
+        if not quantized:  # with ties, which equal score wins is the tie rule's business (tested above)
+            assert np.array_equal(sel.keep.numpy(), ref_ta(score, seq, ratio)), (rule, options)
+
+
+def test_default_normalization_is_the_papers_quantile_clip():
+    st, seq = make_batch(seed=5)
+    a = run("teachability", st, seq, 0.2)
+    b = run("teachability", st, seq, 0.2, normalization="quantile")
+    assert torch.equal(a.keep, b.keep)
+    np.testing.assert_allclose(a.score.numpy(), b.score.numpy(), rtol=0, atol=0)  # one code path, same call
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        run("teachability", st, seq, 0.2, normalization="zscore")
+
+
+def test_saturated_support_mass_defeats_the_quantile_clip_but_not_minmax():
+    """The failure a second lab task showed: C ~ 1 on almost every token puts q05 and q95 at ~1, so the clipped
+    Norm(C) is 0 on every token below q05, including the real mistakes (large D, C well below 1). Min-max keeps
+    them; rank does not (the mistakes are the low-C tokens, so their C rank is near 0 whatever the scale)."""
+    n = 200
+    rng = np.random.default_rng(3)
+    d = rng.uniform(0.0, 0.05, n)  # easy tokens: tiny disagreement
+    c = rng.uniform(0.999, 1.0, n)  # ... and the teacher's choice in the student's top-K
+    mistakes = np.arange(196, 200)
+    d[mistakes], c[mistakes] = 2.0, 0.6  # learnable mistakes
+    d[194:196], c[194:196] = 0.02, 0.3  # low-C tokens with nothing to teach
+    st = {"local_forward_kl": d, "support_mass": c}
+    seq = [i // 20 for i in range(n)]
+    spread = normalization_spread_of(st)
+    c32 = np.float32(c).astype(float)
+    assert spread["support_mass"]["degenerate"] == 1.0
+    assert spread["support_mass"]["q_low"] == pytest.approx(np.quantile(c32, 0.05), abs=1e-6)
+    assert spread["support_mass"]["min"] == pytest.approx(0.3, abs=1e-6)
+    quantile_kept = run("teachability", st, seq, 0.02, ensure_each_sequence=False).keep.numpy()
+    assert not quantile_kept[mistakes].any()  # Norm(C) = 0 there: the mistakes score 0
+    kept = run("teachability", st, seq, 0.02, ensure_each_sequence=False, normalization="minmax").keep.numpy()
+    assert kept[mistakes].all() and kept.sum() == 4
+    rank_kept = run("teachability", st, seq, 0.02, ensure_each_sequence=False, normalization="rank").keep.numpy()
+    assert not rank_kept[mistakes].all()
+
+
+def normalization_spread_of(st, **options):
+    from tip_ext.selectors import normalization_spread
+
+    return normalization_spread("teachability", {k: torch.tensor(v, dtype=torch.float32) for k, v in st.items()},
+                                **options)
+
+
+def test_normalization_spread_reports_quantiles_min_max():
+    st, _ = make_batch(seed=8)
+    r = f32(st)
+    spread = normalization_spread_of(st, q_low=0.1, q_high=0.9)
+    for axis in ("local_forward_kl", "support_mass"):
+        v = spread[axis]
+        assert v["q_low"] == pytest.approx(np.quantile(r[axis], 0.1), rel=1e-6)
+        assert v["q_high"] == pytest.approx(np.quantile(r[axis], 0.9), rel=1e-6)
+        assert (v["min"], v["max"]) == pytest.approx((r[axis].min(), r[axis].max()), rel=1e-6)
+        assert v["degenerate"] == 0.0
+    from tip_ext.selectors import normalization_spread
+
+    assert normalization_spread("soft_or", {"entropy_norm": torch.rand(5), "reverse_kl": torch.rand(5)}) == {}
+    const = normalization_spread("teachability", {"local_forward_kl": torch.ones(4), "support_mass": torch.rand(4)})
+    assert const["local_forward_kl"]["degenerate"] == 1.0
+    assert set(normalization_spread("teachability_entropy", {k: torch.tensor(v, dtype=torch.float32)
+                                                            for k, v in st.items()})) == {
+        "entropy", "local_forward_kl", "support_mass"}

@@ -16,8 +16,8 @@ increasing position order, plus `sequence_ids` [N] saying which rollout each tok
 | divergence_topk      | reverse_kl                              | batch            | floor(rho*N) | per_sequence=False, min_keep=1                             |
 | soft_or (TIP)        | entropy_norm, reverse_kl                | sequence         | floor(rho*m) | entropy_clip_quantile=0.98, bottom=False, per_sequence=True, min_keep=1 |
 | q3                   | entropy_norm, forward_kl                | batch            | floor(rho*N) | entropy_clip_quantile=0.98, per_sequence=False, min_keep=1 |
-| teachability (TA-OPD)| local_forward_kl, support_mass          | batch, >=1 / seq | ceil(rho*N)  | q_low=0.05, q_high=0.95, eps=1e-8, incompatible=False, ensure_each_sequence=True |
-| teachability_entropy | entropy, local_forward_kl, support_mass | batch, >=1 / seq | ceil(rho*N)  | q_low=0.05, q_high=0.95, eps=1e-8, ensure_each_sequence=True |
+| teachability (TA-OPD)| local_forward_kl, support_mass          | batch, >=1 / seq | ceil(rho*N)  | q_low=0.05, q_high=0.95, eps=1e-8, incompatible=False, ensure_each_sequence=True, normalization="quantile" |
+| teachability_entropy | entropy, local_forward_kl, support_mass | batch, >=1 / seq | ceil(rho*N)  | q_low=0.05, q_high=0.95, eps=1e-8, ensure_each_sequence=True, normalization="quantile" |
 
 Choices METHODS.md leaves open, and what this module does:
 - Ties: a stable sort on the score, so the lower flat index (the earlier position of a sequence) wins.
@@ -42,6 +42,12 @@ Choices METHODS.md leaves open, and what this module does:
 - soft_or bottom=True (the paper's sanity check) ranks by 1 - s, i.e. keeps the lowest-s tokens of each sequence.
 - teachability: after the batch top ceil(rho*N), each sequence without a kept token gets its best-scoring token, so
   the total can exceed ceil(rho*N). teachability_entropy soft-ORs Norm(entropy in nats) with s.
+- teachability normalization (each axis over the batch): "quantile" (default, TA-OPD's Norm: clip at the q_low /
+  q_high quantiles, then scale), "minmax" ((z - min) / (max - min), 0 for a constant axis; q_low, q_high, eps unused)
+  or "rank" ((average rank - 1) / (N - 1), ties share their mean rank; 0 for N = 1). The quantile form collapses
+  when most tokens share one value: support mass C ~ 1 on most tokens puts q05 and q95 at ~1 and zeroes every
+  token below q05, real mistakes included. `normalization_spread` reports each axis's q_low / q_high / min / max
+  and flags that case; TipSelector logs it every step and warns once per axis.
 - weighting="soft" (an extension no paper offers): keep every token and weight it by the rule's score (negative
   values clipped to 0) scaled to mean 1 (all-zero scores give weight 1). Only for rules that return a score;
   it overrides importance_weights.
@@ -242,6 +248,54 @@ def _robust_norm(z: torch.Tensor, q_low: float, q_high: float, eps: float) -> to
     z = z.double()
     lo, hi = quantile(z, q_low), quantile(z, q_high)
     return ((z - lo) / (hi - lo + eps)).clamp(0.0, 1.0)
+
+
+NORMALIZATIONS = ("quantile", "minmax", "rank")
+# An axis is degenerate for the quantile normalization when its q_low..q_high range is below this share of its full
+# min..max range: clipping then flattens almost every token to 0 or 1 (e.g. support mass 0.998..1.000 of 0.3..1.0).
+DEGENERATE_SHARE = 0.05
+
+
+def _rank_norm(z: torch.Tensor) -> torch.Tensor:
+    """(average rank - 1) / (N - 1) in [0, 1]; ties share their mean rank; 0 for N = 1."""
+    z = z.double()
+    n = z.numel()
+    if n == 1:
+        return torch.zeros_like(z)
+    values, inverse, counts = torch.unique(z, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # 0-based rank of each distinct value's first occurrence
+    mean_rank = first.double() + (counts.double() - 1) / 2
+    return mean_rank[inverse] / (n - 1)
+
+
+def _axis_norm(z: torch.Tensor, normalization: str, q_low: float, q_high: float, eps: float) -> torch.Tensor:
+    """One teachability axis mapped to [0, 1] over the batch by `normalization` (module table)."""
+    if normalization == "quantile":
+        return _robust_norm(z, q_low, q_high, eps)
+    if normalization == "minmax":
+        return _minmax(z)
+    if normalization == "rank":
+        return _rank_norm(z)
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def normalization_spread(rule: str, stats: dict[str, torch.Tensor], q_low: float = 0.05, q_high: float = 0.95,
+                         **_options) -> dict[str, dict[str, float]]:
+    """What the teachability rules' normalization works with: for each axis the rule normalizes, its batch q_low /
+    q_high quantiles, min, max and `degenerate` (1.0 when q_high - q_low < DEGENERATE_SHARE * (max - min), i.e.
+    the quantile clip would flatten the axis; also when min == max). Empty for other rules."""
+    axes = {"teachability": ("local_forward_kl", "support_mass"),
+            "teachability_entropy": ("entropy", "local_forward_kl", "support_mass")}.get(rule, ())
+    out = {}
+    for name in axes:
+        z = stats[name].detach().double()
+        if z.numel() == 0:
+            continue
+        lo, hi = float(quantile(z, q_low)), float(quantile(z, q_high))
+        mn, mx = float(z.min()), float(z.max())
+        out[name] = {"q_low": lo, "q_high": hi, "min": mn, "max": mx,
+                     "degenerate": float(hi - lo < DEGENERATE_SHARE * (mx - mn) or mx == mn)}
+    return out
 
 
 def _soft_or(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -454,9 +508,10 @@ def _ta_keep(ctx: RuleContext, score: torch.Tensor, ensure_each_sequence: bool) 
     return keep
 
 
-def _teachability(ctx: RuleContext, q_low: float, q_high: float, eps: float, incompatible: bool) -> torch.Tensor:
-    d = _robust_norm(ctx.stats["local_forward_kl"], q_low, q_high, eps)
-    c = _robust_norm(ctx.stats["support_mass"], q_low, q_high, eps)
+def _teachability(ctx: RuleContext, q_low: float, q_high: float, eps: float, incompatible: bool,
+                  normalization: str = "quantile") -> torch.Tensor:
+    d = _axis_norm(ctx.stats["local_forward_kl"], normalization, q_low, q_high, eps)
+    c = _axis_norm(ctx.stats["support_mass"], normalization, q_low, q_high, eps)
     return d * (1.0 - c) if incompatible else d * c
 
 
@@ -473,8 +528,9 @@ def _rule_teachability(
     eps: float = 1e-8,
     incompatible: bool = False,
     ensure_each_sequence: bool = True,
+    normalization: str = "quantile",
 ) -> Selection:
-    score = _teachability(ctx, q_low, q_high, eps, incompatible)
+    score = _teachability(ctx, q_low, q_high, eps, incompatible, normalization)
     return _score_selection(_ta_keep(ctx, score, ensure_each_sequence), score)
 
 
@@ -490,7 +546,8 @@ def _rule_teachability_entropy(
     q_high: float = 0.95,
     eps: float = 1e-8,
     ensure_each_sequence: bool = True,
+    normalization: str = "quantile",
 ) -> Selection:
-    h = _robust_norm(ctx.stats["entropy"], q_low, q_high, eps)
-    score = _soft_or(h, _teachability(ctx, q_low, q_high, eps, False))
+    h = _axis_norm(ctx.stats["entropy"], normalization, q_low, q_high, eps)
+    score = _soft_or(h, _teachability(ctx, q_low, q_high, eps, False, normalization))
     return _score_selection(_ta_keep(ctx, score, ensure_each_sequence), score)

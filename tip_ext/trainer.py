@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from opsd.core.diagnostics import OVERLAP_NAMES, position_buckets, summarize
 from opsd.core.selection import SCOPES, TokenChoice, TokenSelector, TokenView
 
 from .census import quadrant_census, quadrant_means, summarize_kept
-from .selectors import RULES, check_options, needed_stats, select
+from .selectors import RULES, check_options, needed_stats, normalization_spread, select
 from .stats import token_stats_from_hidden
 
 CENSUS_STATS = ("entropy_norm", "reverse_kl")
@@ -148,6 +149,7 @@ class TipSelector(TokenSelector):
         self.stat_names = tuple(sorted(needed))
         self.needs_model_pass = bool(self.stat_names)
         self._dumped = 0
+        self._warned: set[str] = set()
 
     def statistics(self, view: TokenView) -> dict[str, torch.Tensor]:
         if not self.stat_names:
@@ -173,7 +175,27 @@ class TipSelector(TokenSelector):
             metrics.update({f"census/{k}": v for k, v in quadrant_means(
                 stats["entropy_norm"], stats["reverse_kl"], {"overlap_ratio": stats["overlap_ratio"]},
                 cfg.census_quantile).items()})
+        metrics.update(self._spread_metrics(stats))
         return TokenChoice(sel.keep, sel.weights, metrics, sel.score)
+
+    def _spread_metrics(self, stats) -> dict[str, float]:
+        """norm/<axis>/{q_low,q_high,min,max,degenerate} of the teachability rules' axes; warns once per axis whose
+        quantile range collapses (the default normalization then flattens it)."""
+        if not stats or not next(iter(stats.values())).numel():
+            return {}
+        spread = normalization_spread(self.config.selector, stats, **self.options)
+        out = {}
+        for axis, values in spread.items():
+            out.update({f"norm/{axis}/{k}": v for k, v in values.items()})
+            if values["degenerate"] and axis not in self._warned and self.options.get("normalization",
+                                                                                      "quantile") == "quantile":
+                self._warned.add(axis)
+                warnings.warn(
+                    f"{self.config.selector}: the {axis} axis is degenerate in this batch (q_low {values['q_low']:.4g}, "
+                    f"q_high {values['q_high']:.4g}, min {values['min']:.4g}, max {values['max']:.4g}): the quantile "
+                    "normalization sets every token outside that range to 0 or 1. Consider --normalization minmax "
+                    "or --normalization rank. (Warned once per axis.)", stacklevel=2)
+        return out
 
     def record(self, step: int, view: TokenView, stats, choice: TokenChoice) -> None:
         if not self.config.token_dump_dir or view.sequence_ids.numel() == 0:
