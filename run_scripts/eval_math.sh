@@ -68,6 +68,7 @@ case "$REWARD_FUNCTION" in
   math_dapo) ;;
   *) opsd_die "REWARD_FUNCTION must be math (math_reward) or math_dapo, got '$REWARD_FUNCTION'" ;;
 esac
+INSTRUCTION_VARIANT_SET=${INSTRUCTION_VARIANT:-}
 INSTRUCTION_VARIANT=${INSTRUCTION_VARIANT:-boxed}
 case "$INSTRUCTION_VARIANT" in
   boxed) wording=upstream ;; dapo|none) wording=$INSTRUCTION_VARIANT ;;
@@ -99,6 +100,8 @@ if [ -n "${DATA_DIR:-}" ]; then
     fi
   done
 else
+  [ -n "${INSTRUCTION_VARIANT_SET:-}" ] && opsd_note "INSTRUCTION_VARIANT applies to the preparation of a raw \
+DATA_DIR; DATA_FILES are prepared already: unused"
   DATA_FILES=${DATA_FILES:-data/math500.jsonl data/aime24.jsonl data/aime25.jsonl}
   data=()
   for spec in $DATA_FILES; do

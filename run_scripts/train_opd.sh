@@ -127,6 +127,12 @@ prepare() {  # prepare INPUT SPLIT [opsd.data flags]: one raw file into $PREPARE
   "$PYTHON" -m opsd.data --input "$input" --output_dir "$PREPARED" --instruction "${PREP_INSTRUCTION:-upstream}" \
     --split_name "$split" --seed "${DATA_SEED:-42}" "$@" >&2 || opsd_die "preparing $input failed (see above)"
 }
+if [ -n "${TRAIN_FILE:-}" ] || { has_train "$DATA_DIR" && [ ! -f "$RAW_DAPO" ]; }; then
+  for v in DAPO_TRAIN_RATIO DATA_SEED PREP_INSTRUCTION; do
+    [ -n "${!v:-}" ] && opsd_note "$v applies to the preparation of upstream's raw DATA_DIR; the data is prepared \
+already: unused"
+  done
+fi
 if [ -n "${TRAIN_FILE:-}" ]; then
   [ -e "$TRAIN_FILE" ] || opsd_die "TRAIN_FILE=$TRAIN_FILE does not exist"
   VAL_DIR=$(dirname "$TRAIN_FILE")
