@@ -199,3 +199,30 @@ def test_training_runs_log_the_diagnostics(tmp_path):
             assert 0.0 <= h["overlap/ratio"] <= 1.0 and 0.0 <= h["overlap/teacher_mass"] <= 1.0, name
             assert "overlap/entropy_gap/first" in h, name
 
+
+
+class _EvenPositions:
+    """A selector that logs no diagnostics itself: the trainer's pass must cover only the tokens it keeps."""
+
+    scope, across_processes, needs_model_pass = "rollout_batch", True, False
+
+    def statistics(self, view):
+        return {}
+
+    def choose(self, stats, sequence_ids, positions, generator):
+        from opsd.core.selection import TokenChoice
+
+        return TokenChoice(positions % 2 == 0)
+
+    def record(self, *args):
+        pass
+
+
+def test_trainer_pass_covers_only_the_tokens_a_selector_keeps(pair, tmp_path):
+    trainer = make_trainer(pair, tmp_path, ga=2, selector=_EvenPositions(), overlap_diagnostics=True, overlap_k=4)
+    batch = fixed_batch()
+    trainer._select_tokens(split(batch, 2))
+    valid = batch["completion_mask"].bool() & batch["tool_mask"].bool()
+    keep = ((valid.long().cumsum(1) - 1) % 2 == 0)[valid]
+    for name, value in _reference_metrics(trainer, batch, keep).items():
+        assert trainer._metrics["train"][name][-1] == pytest.approx(value, rel=1e-4, abs=1e-6), name

@@ -91,7 +91,9 @@ def _chunk_stats(zs: torch.Tensor, zt: torch.Tensor, names: tuple[str, ...], top
     if "teacher_entropy" in names:
         out["teacher_entropy"] = _entropy(pt, lt)
     if not set(OVERLAP_NAMES).isdisjoint(names):
-        out.update({name: value for name, value in overlap_chunk(ls, lt, overlap_k).items() if name in names})
+        chunk = overlap_chunk(ls, lt, overlap_k, with_kl=False, entropy_s=out.get("entropy"),
+                              entropy_t=out.get("teacher_entropy"))
+        out.update({name: value for name, value in chunk.items() if name in names})
     if _TOP_K_STATS.isdisjoint(names):
         return out
     k = min(top_k, vocab)

@@ -34,23 +34,33 @@ def _entropy(log_p: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * log_p, 0.0).sum(-1)
 
 
-def overlap_chunk(log_ps: torch.Tensor, log_pt: torch.Tensor, k: int = 16) -> dict[str, torch.Tensor]:
-    """The diagnostics (module table) of one chunk of row-wise log-probabilities [n, V] (float32 or float64)."""
+def overlap_chunk(log_ps: torch.Tensor, log_pt: torch.Tensor, k: int = 16, with_kl: bool = True,
+                  entropy_s: torch.Tensor | None = None, entropy_t: torch.Tensor | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The diagnostics (module table) of one chunk of row-wise log-probabilities [n, V] (float32 or float64).
+
+    Callers that already hold the entropies pass them (`entropy_s`, `entropy_t`), and `with_kl=False` skips the
+    reverse KL: each saves a full pass over the [n, V] chunk."""
     if k < 1:
         raise ValueError(f"overlap k must be >= 1, got {k}")
     k = min(k, log_ps.shape[-1])
-    in_s = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(1, log_ps.topk(k, dim=-1).indices, True)
-    in_t = torch.zeros_like(log_pt, dtype=torch.bool).scatter_(1, log_pt.topk(k, dim=-1).indices, True)
-    shared = in_s & in_t
-    ps, pt = log_ps.exp(), log_pt.exp()
-    h_s, h_t = _entropy(log_ps), _entropy(log_pt)
-    return {
+    idx_s = log_ps.topk(k, dim=-1).indices
+    idx_t = log_pt.topk(k, dim=-1).indices
+    # [n, k, k] id comparison instead of [n, V] membership masks: only the 2k candidate ids matter
+    shared = (idx_s.unsqueeze(-1) == idx_t.unsqueeze(-2)).any(-1)  # which of the student's top-K the teacher shares
+    zero = torch.zeros((), dtype=log_ps.dtype, device=log_ps.device)
+    out = {
         "overlap_ratio": shared.sum(-1).to(log_ps.dtype) / k,
-        "shared_mass_student": torch.where(shared, ps, 0.0).sum(-1),
-        "shared_mass_teacher": torch.where(shared, pt, 0.0).sum(-1),
-        "entropy_gap": h_s - h_t,
-        "reverse_kl": torch.where(ps > 0, ps * (log_ps - log_pt), 0.0).sum(-1),
+        "shared_mass_student": torch.where(shared, log_ps.gather(1, idx_s).exp(), zero).sum(-1),
+        "shared_mass_teacher": torch.where(shared, log_pt.gather(1, idx_s).exp(), zero).sum(-1),
     }
+    h_s = _entropy(log_ps) if entropy_s is None else entropy_s
+    h_t = _entropy(log_pt) if entropy_t is None else entropy_t
+    out["entropy_gap"] = h_s - h_t
+    if with_kl:
+        ps = log_ps.exp()
+        out["reverse_kl"] = torch.where(ps > 0, ps * (log_ps - log_pt), 0.0).sum(-1)
+    return out
 
 
 @torch.no_grad()

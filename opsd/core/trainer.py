@@ -542,21 +542,21 @@ class OPDTrainer(DistillationTrainer):
         self._teacher_phase(micro_batches)
         with whole_heads(*self._heads(student, self.accelerator.unwrap_model(self.teacher_model))) as heads:
             s_head, t_head = heads
-            stats, buckets, in_loss = [], [], []
+            stats, buckets = [], []
             for mb in micro_batches:
                 flat, rows, positions = valid_token_index(self._loss_mask(mb))
+                in_loss = mb["loss_keep"].reshape(-1)[flat]
+                buckets.append(position_buckets(rows, positions)[in_loss])  # thirds of the whole valid response
+                flat = flat[in_loss]
                 hidden = self._forward_redirection(self.model_wrapped, student, self._get_last_hidden_state, student,
                                                    *self._model_inputs(mb))
                 h_t = mb["teacher_hidden"]
                 stats.append(overlap_from_hidden(hidden.reshape(-1, hidden.shape[-1])[flat].to(s_head.weight.device),
                                                  s_head, h_t.reshape(-1, h_t.shape[-1])[flat].to(t_head.weight.device),
                                                  t_head, self.args.overlap_k, self.args.chunk_size, self.temperature))
-                buckets.append(position_buckets(rows, positions))
-                in_loss.append(mb["loss_keep"].reshape(-1)[flat])
         merged = {name: torch.cat([s[name] for s in stats]) for name in stats[0]} if stats else {}
-        if merged:
-            for name, value in summarize(merged, torch.cat(buckets), torch.cat(in_loss)).items():
-                self._metrics["train"][name].append(value)
+        for name, value in summarize(merged, torch.cat(buckets) if buckets else torch.zeros(0)).items():
+            self._metrics["train"][name].append(value)
 
     # ----- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
