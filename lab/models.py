@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import task as T
-from .tasks import TASKS, AdditionTask, Task, get_task
+from .tasks import TASKS, AdditionTask, Task
 
 # Bump when the task format, vocabulary or training recipe changes in a way that invalidates cached models.
 LAB_FORMAT_VERSION = 2
