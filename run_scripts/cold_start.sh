@@ -6,14 +6,28 @@
 #     bash run_scripts/cold_start.sh [extra python -m opsd.cold_start flags]
 #   then: MODEL_PATH=$COLD_START_DIR TEACHER_MODEL_PATH=... bash run_scripts/train_opd.sh
 #
-# Variables (default): MODEL_PATH (required: the student), TEACHER_MODEL_PATH (required), DATA_DIR (data),
-# COLD_START_FILE (TRAIN_FILE, else $DATA_DIR/train.jsonl: the prompts the teacher answers), COLD_START_DIR
-# (runs/cold-start-<time>: the checkpoint), COLD_START_ROLLOUTS (1 response per prompt), COLD_START_MAX_NEW_TOKENS
-# (MAX_RESPONSE_LENGTH, else 1024), COLD_START_TEMPERATURE (0.7), COLD_START_LIMIT (all prompts),
-# COLD_START_FILTER (0; 1 = keep only responses with reward > 0.5, needs answers), COLD_START_LORA (0; 1 = LoRA,
-# merged), COLD_START_LR (1e-5), COLD_START_EPOCHS (1), COLD_START_MAX_STEPS (-1 = epochs), COLD_START_BATCH_SIZE (4),
-# COLD_START_GRAD_ACC (1), COLD_START_BACKEND (hf; vllm when installed), ENABLE_THINKING (unset), DTYPE (auto),
-# SEED (42).
+# Variables, default in brackets:
+#   MODEL_PATH                 the student model directory (required)
+#   TEACHER_MODEL_PATH         the teacher model directory (required)
+#   DATA_DIR                   [data]
+#   COLD_START_FILE            [TRAIN_FILE, else $DATA_DIR/train.jsonl] the prompts the teacher answers
+#   COLD_START_DIR             [runs/cold-start-<time>] the checkpoint written
+#   COLD_START_ROLLOUTS        [1] teacher responses per prompt
+#   COLD_START_MAX_NEW_TOKENS  [MAX_RESPONSE_LENGTH, else 1024]
+#   COLD_START_TEMPERATURE     [0.7]
+#   COLD_START_LIMIT           [all] first N prompts
+#   COLD_START_FILTER          [0] 1 = keep only responses with reward > 0.5 (needs answers)
+#   COLD_START_LORA            [0] 1 = LoRA fine-tuning, merged at the end
+#   COLD_START_LR              [1e-5]
+#   COLD_START_EPOCHS          [1]
+#   COLD_START_MAX_STEPS       [-1 = epochs]
+#   COLD_START_BATCH_SIZE      [4]
+#   COLD_START_GRAD_ACC        [1]
+#   COLD_START_BACKEND         [hf] hf | vllm
+#   ENABLE_THINKING            [unset]
+#   DTYPE                      [auto]
+#   SEED                       [42]
+#   COLD_START_ARGS            [unset] more python -m opsd.cold_start flags (e.g. --keep_truncated)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -45,6 +59,8 @@ args=(
 [ "${COLD_START_LORA:-0}" = 1 ] && args+=(--lora)
 [ -n "${ENABLE_THINKING:-}" ] && args+=(--enable_thinking "$ENABLE_THINKING")
 [ -n "${DTYPE:-}" ] && args+=(--dtype "$DTYPE")
+# shellcheck disable=SC2206
+[ -n "${COLD_START_ARGS:-}" ] && args+=(${COLD_START_ARGS})
 args+=("$@")
 echo "[cold_start] $PY -m opsd.cold_start ${args[*]}"
 "$PY" -m opsd.cold_start "${args[@]}"

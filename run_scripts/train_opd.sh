@@ -92,6 +92,11 @@
 #   OPD_ENTRY                      [opsd.train] python module to run (train_tip.sh sets tip_ext.train)
 #   EXTRA_ARGS                     [unset] more python -m opsd.train flags
 #   DRY_RUN                        [0] 1 = check the settings, print the resolved configuration, exit
+# Recipe (Rethinking OPD)
+#   COLD_START                     [0] 1 = run run_scripts/cold_start.sh first (teacher rollouts -> SFT) and start
+#                                  OPD from its checkpoint; skipped when COLD_START_DIR already holds a finished one
+#   COLD_START_DIR                 [$OUTPUT_DIR/cold_start] the cold-started checkpoint
+#   COLD_START_*                   the other variables of run_scripts/cold_start.sh (prompts: TRAIN_FILE)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 opsd_help "${BASH_SOURCE[0]}" "$@"
@@ -209,6 +214,21 @@ TEACHER_NAME=$(basename "$(dirname "$TEACHER_MODEL_PATH")")  # upstream names th
 EXP_NAME=${EXP_NAME:-$(echo "$MODEL_NAME" | tr '/' '_')-$RUN_ID-OPD-$OPD_LOSS_TYPE${OPD_REWARD_BETA:+-rwbeta$OPD_REWARD_BETA}${EXP_TAG:-}-teacher-$TEACHER_NAME-$THINK_TAG-lr$LEARNING_RATE-bs$TRAIN_BATCH_SIZE-n$ROLLOUT_N}
 OUTPUT_ROOT=${OUTPUT_ROOT:-outputs}
 OUTPUT_DIR=${OUTPUT_DIR:-$OUTPUT_ROOT/$EXP_NAME}
+
+# ----- COLD_START=1: off-policy cold start (run_scripts/cold_start.sh), then OPD from its checkpoint ---------------
+if [ "${COLD_START:-0}" = 1 ]; then
+  COLD_START_DIR=${COLD_START_DIR:-$OUTPUT_DIR/cold_start}
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    opsd_note "COLD_START=1: the cold start would write $COLD_START_DIR and OPD would start from it"
+  elif [ -f "$COLD_START_DIR/cold_start_summary.json" ]; then
+    opsd_note "COLD_START=1: $COLD_START_DIR holds a finished cold start; OPD starts from it"
+  else
+    MODEL_PATH="$MODEL_PATH" TEACHER_MODEL_PATH="$TEACHER_MODEL_PATH" COLD_START_FILE="${COLD_START_FILE:-$TRAIN_FILE}" \
+      COLD_START_DIR="$COLD_START_DIR" MAX_RESPONSE_LENGTH="$MAX_RESPONSE_LENGTH" PYTHON_BIN="$PYTHON" \
+      bash run_scripts/cold_start.sh
+  fi
+  [ "${DRY_RUN:-0}" = 1 ] || MODEL_PATH=$COLD_START_DIR
+fi
 
 # ----- chat template: upstream turns thinking off for Qwen models -------------------------------------------------
 template_args=()

@@ -75,3 +75,21 @@ def test_reward_filter_and_its_errors(pair, tmp_path):
     with pytest.raises(SystemExit):
         main(["--teacher", pair[1], "--student", pair[0], "--prompts", str(no_answers), "--output_dir",
               str(tmp_path / "d"), "--filter_reward"])
+
+
+def test_train_opd_cold_start_1_runs_both_phases(pair, tmp_path):
+    prompts = write_prompts(str(tmp_path / "p.jsonl"), n=8)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHON_BIN": sys.executable, "MODEL_PATH": pair[0], "TEACHER_MODEL_PATH": pair[1],
+           "TRAIN_FILE": prompts, "OUTPUT_DIR": str(out), "COLD_START": "1", "COLD_START_MAX_STEPS": "2",
+           "COLD_START_ARGS": "--keep_truncated",
+           "COLD_START_MAX_NEW_TOKENS": "6", "MAX_RESPONSE_LENGTH": "6", "TRAIN_BATCH_SIZE": "4",
+           "PPO_MICRO_BATCH_SIZE_PER_GPU": "4", "MAX_STEPS": "2", "OMP_NUM_THREADS": "1",
+           "EXTRA_ARGS": "--use_cpu true --gradient_checkpointing false --save_strategy no"}
+    run = subprocess.run(["bash", os.path.join(ROOT, "run_scripts", "train_opd.sh")], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "cold_start" / "cold_start_summary.json").exists()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["config"]["ModelConfig"]["model_name_or_path"] == str(out / "cold_start")
+    assert len([h for h in summary["log_history"] if "loss" in h]) == 2

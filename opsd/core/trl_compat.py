@@ -1,7 +1,7 @@
 """The TRL code opsd overrides or relies on, pinned by source hash (trl 1.16.0).
 
-OPDTrainer replaces `_prepare_inputs`, `_compute_loss`, `_get_train_sampler`, extends `_tokenize_prompts` and `log`,
-attaches the teacher after `__init__`, and relies on `compute_loss` (forward redirection + entropy metric),
+OPDTrainer replaces `_prepare_inputs`, `_compute_loss`, `compute_loss`, `_get_train_sampler`, extends `_tokenize_prompts`,
+`log` and `create_optimizer`, attaches the teacher after `__init__`, and relies on `_forward_redirection`,
 `_get_last_hidden_state`, `_generate_and_score_completions`, `training_step` and `ChunkedDivergenceFunction`.
 If any of them changes, tests/test_trl_pin.py fails: re-read the new code against patches/README.md, adapt
 OPDTrainer, then update the hashes here.
