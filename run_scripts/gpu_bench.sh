@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU run of issue 12's measurements, within 10 minutes on one H100/H200-class card:
-#   1. python -m tip_ext.bench: the loss step at N=16384, H=2560, V=151936 in bf16 (TRL's Triton kernel, the chunked
+#   1. python -m lab.bench: the loss step at N=16384, H=2560, V=151936 in bf16 (TRL's Triton kernel, the chunked
 #      recompute, the upstream-style step, the fused loss full-token and with a frozen head, and each rule at
 #      rho 0.5/0.2/0.1/0.05 with the fused gradient pass), each variant in its own process, 3 timed repeats;
 #   2. python -m lab.profile: whole OPD steps through OPDTrainer with a random-weight Qwen3-0.6B student and
@@ -44,7 +44,7 @@ else
 fi
 echo "[gpu_bench] writing to $OUT"
 status=0
-timeout --signal=INT "${BENCH_TIMEOUT:-330}" "$PY" -m tip_ext.bench "${bench[@]}" --out "$OUT/bench.json" \
+timeout --signal=INT "${BENCH_TIMEOUT:-330}" "$PY" -m lab.bench "${bench[@]}" --out "$OUT/bench.json" \
   | tee "$OUT/bench.txt" || status=$?
 timeout --signal=INT "${PROFILE_TIMEOUT:-240}" "$PY" -m lab.profile "${profile[@]}" --out "$OUT/profile.json" \
   | tee "$OUT/profile.txt" || status=$?

@@ -1,4 +1,4 @@
-"""tip_ext.bench: every variant runs the real loss step and they agree on the loss; the driver writes its table."""
+"""lab.bench: every variant runs the real loss step and they agree on the loss; the driver writes its table."""
 
 import json
 

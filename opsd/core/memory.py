@@ -1,4 +1,4 @@
-"""Peak memory, measured one way everywhere (trainer logs, tip_ext.bench, lab.profile, opsd.gpu_check).
+"""Peak memory, measured one way everywhere (trainer logs, lab.bench, lab.profile, opsd.gpu_check).
 
 - CUDA: `torch.cuda.max_memory_allocated` (tensor bytes, not the caching allocator's reserve).
 - CPU: the process's peak resident set size (Linux reports `ru_maxrss` in KiB). It never goes down, so a measurement

@@ -1,4 +1,4 @@
-"""Benchmark of one OPD loss step: `python -m tip_ext.bench [--n 2048 8192 --h 1024 --v 32768 ...]`.
+"""Benchmark of one OPD loss step: `python -m lab.bench [--n 2048 8192 --h 1024 --v 32768 ...]`.
 
 One loss step = (statistics pass + selection) + gradient pass over the kept rows + backward to the student's hidden
 states and lm_head, on random hidden states and heads (no weights needed). Every variant calls the trainer's code
@@ -162,7 +162,7 @@ def check_targets(results: list[dict]) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tip_ext.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[2048, 8192],
                         help="tokens in the step; full-token variants run at each, selective ones at the largest")
@@ -208,7 +208,7 @@ def main(argv=None):
     results = []
     todo = variants(args)
     for i, (variant, n) in enumerate(todo, 1):
-        cmd = [sys.executable, "-m", "tip_ext.bench", "--child", variant, "--child_n", str(n), "--h", str(args.h),
+        cmd = [sys.executable, "-m", "lab.bench", "--child", variant, "--child_n", str(n), "--h", str(args.h),
                "--v", str(args.v), "--dtype", args.dtype, "--device", args.device, "--chunk_size",
                str(args.chunk_size), "--top_k", str(args.top_k), "--repeats", str(args.repeats), "--threads",
                str(args.threads), "--clock", args.clock]
