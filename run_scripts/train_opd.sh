@@ -96,7 +96,8 @@
 #   COLD_START                     [0] 1 = run run_scripts/cold_start.sh first (teacher rollouts -> SFT) and start
 #                                  OPD from its checkpoint; skipped when COLD_START_DIR already holds a finished one
 #   COLD_START_DIR                 [$OUTPUT_DIR/cold_start] the cold-started checkpoint
-#   COLD_START_*                   the other variables of run_scripts/cold_start.sh (prompts: TRAIN_FILE)
+#   COLD_START_FILE                [TRAIN_FILE] the prompts the teacher answers
+#   COLD_START_*                   the other variables of run_scripts/cold_start.sh
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 opsd_help "${BASH_SOURCE[0]}" "$@"
