@@ -1,4 +1,4 @@
-"""Fixed-context diagnostic of token selection (METHODS.md section 3, after TA-OPD): `python -m lab.diagnose`.
+"""Fixed-context diagnostic of token selection (docs/METHODS.md section 5, after TA-OPD): `python -m lab.diagnose`.
 
 Which tokens does a short OPD update actually teach, and do the selection scores know it in advance?
 
@@ -39,7 +39,7 @@ Selectors (`DIAGNOSTIC_SELECTORS`; any other `tip_ext.selectors` rule name also 
 | teachability_incompatible  | teachability         | incompatible=True: Norm(D)*(1-Norm(C)) (TA-OPD's control)        |
 | teachability_entropy       | teachability_entropy | TA-OPD+Entropy                                                   |
 
-Choices METHODS.md leaves open, and what this module does:
+Choices docs/METHODS.md leaves open, and what this module does:
 - Equal budgets (default). Every selector keeps exactly k = ceil(rho*N) tokens of the N bank tokens (TA-OPD's
   rounding), ranked over the whole bank: rules run with batch scope (soft_or per_sequence=False, teachability
   rules ensure_each_sequence=False) at the ratio k/N, which makes both floor and ceil rules keep k. With
@@ -60,7 +60,7 @@ Choices METHODS.md leaves open, and what this module does:
   states and `opsd.core.heads.head_of` heads, so no [N, V] logits are materialized. Teacher hidden states of the
   bank are computed once and kept in memory when N x H float32 fits `teacher_cache_gb`, otherwise recomputed for
   every micro-batch. The student is deep-copied for every selector x budget.
-- Defaults are the paper's where METHODS.md gives them (300 contexts, 192 tokens, budgets 3/5/10%, K = 16) and
+- Defaults are the paper's where docs/METHODS.md gives them (300 contexts, 192 tokens, budgets 3/5/10%, K = 16) and
   sized for the CPU lab otherwise: 20 steps at lr 3e-4 (the lab's all-token loss falls steadily; 1e-3 overshoots),
   1 torch thread. Measured on the lab (2 shared CPU cores, load ~6): about 105 s for the defaults.
 - Logits are compared over the shared vocabulary (`opsd.core.models.resolve_distill_vocab`); temperature 1.
@@ -129,7 +129,7 @@ SCORES = {
     "q3": "Q3 score",
     "teachability_entropy": "teachability+entropy",
 }
-# derived score -> (rule, options) whose Selection.score it is
+# derived score -> (rule, options) whose TokenChoice.score it is
 DERIVED_SCORES = {
     "teachability": ("teachability", {}),
     "incompatible": ("teachability", {"incompatible": True}),
@@ -438,7 +438,7 @@ def _seed_of(*parts) -> int:
 
 def select_on_bank(name: str, stats: dict[str, torch.Tensor], bank: Bank, budget: float, seed: int = 0,
                    equal_budget: bool = True):
-    """(Selection, target k) of selector `name` at `budget` over the bank tokens."""
+    """(TokenChoice, target k) of selector `name` at `budget` over the bank tokens."""
     rule, opts, remap = resolve_selector(name, equal_budget)
     base = {k: v for k, v in stats.items() if k in STAT_NAMES}
     for target, source in remap.items():
@@ -964,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"diagnostic selectors {sorted(DIAGNOSTIC_SELECTORS)} or any tip_ext rule {sorted(RULES)}")
     p.add_argument("--reference", default="all", help="rule of the common update for predictiveness (1.0 budget)")
     p.add_argument("--steps", type=int, default=20,
-                   help="OPD updates per selector x budget (the paper: a short run; its length is not in METHODS.md)")
+                   help="OPD updates per selector x budget (the paper: a short run; its length is not in docs/METHODS.md)")
     p.add_argument("--lr", type=float, default=3e-4,
                    help="AdamW learning rate; the default suits the lab's tiny models (loss falls steadily over 20 "
                         "steps; 1e-3 already overshoots). Billion-parameter models: ~1e-6 (the papers' OPD lr)")

@@ -473,7 +473,7 @@ def error_position_stats(
     tokens: mean student entropy normalised by ln|V| (``entropy_norm_*``), mean reverse KL (``kl_*``), mean
     teacher probability of ``"<"`` (``p_correction_teacher_*``), the share where ``"<"`` is the teacher's top
     token (``teacher_top_correction_*``); and ``q3_share_of_errors``: the share of error positions that
-    fall in Q3 under per-batch median cut-offs (entropy below the median, KL above the median, METHODS.md
+    fall in Q3 under per-batch median cut-offs (entropy below the median, KL above the median, docs/METHODS.md
     section 2). Values are NaN when there are no error positions. The correction-token entries exist only for a
     task with a correction token.
     """

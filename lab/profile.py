@@ -19,7 +19,9 @@ unchanged; nested phases are counted once, in the innermost one):
 | optimizer          | `torch.optim.Optimizer.step` (global step hooks)                                      |
 | other              | the rest of the step (callbacks, logging, data, selection bookkeeping)                |
 
-The first step is a warm-up; the table reports the mean over the remaining steps (or the only one). Peak memory:
+Times are CPU time of the profiled process on CPU (stable on a shared machine; use `--threads 1` so that it is the
+work done) and elapsed time on CUDA. The first step is a warm-up; the table reports the mean over the remaining
+steps (or the only one). Peak memory:
 opsd.core.memory (CUDA max allocated; CPU process peak RSS, which includes the models). Writes JSON (`--out`) and a
 stacked-bar PNG (`--png`), prints a markdown table.
 """
@@ -89,6 +91,9 @@ class PhaseClock:
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
+        # CPU: the process's CPU time, which a shared machine's load does not stretch (with 1 thread it is the work
+        # done); CUDA: elapsed time between synchronizations
+        self.now = time.perf_counter if cuda else time.process_time
         self.stack: list[list] = []  # [phase, start, time spent in children]
         self.steps: list[dict[str, float]] = []
         self.current: dict[str, float] = defaultdict(float)
@@ -99,12 +104,12 @@ class PhaseClock:
 
     def enter(self, phase: str) -> None:
         self._sync()
-        self.stack.append([phase, time.perf_counter(), 0.0])
+        self.stack.append([phase, self.now(), 0.0])
 
     def exit(self) -> None:
         self._sync()
         phase, start, children = self.stack.pop()
-        spent = time.perf_counter() - start
+        spent = self.now() - start
         self.current[phase] += spent - children
         if self.stack:
             self.stack[-1][2] += spent
@@ -204,7 +209,8 @@ def _child(args) -> dict:
 def format_table(meta, results) -> str:
     lines = [f"{meta['student']} student, {meta['teacher']} teacher{' (tiny)' if meta['tiny'] else ''}, batch "
              f"{meta['batch']} x (prompt {meta['prompt_length']} + completion {meta['completion_length']}), "
-             f"{meta['device']} ({meta['device_name']}), {meta['threads']} thread(s); seconds per step",
+             f"{meta['device']} ({meta['device_name']}), {meta['threads']} thread(s); "
+             f"{'elapsed' if meta['device'] == 'cuda' else 'CPU'} seconds per step",
              "| config | " + " | ".join(PHASES) + " | total | vs none | peak GB |",
              "|---" * (len(PHASES) + 5) + "|"]
     base = next((r["phases_s"]["total"] for r in results if r.get("config") == "none" and "error" not in r), None)

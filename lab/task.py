@@ -21,7 +21,7 @@ The correction token ``"<"`` deletes the previous token (`apply_corrections`). T
 token; the injected wrong tokens carry no loss, the ``"<"`` after them does. A teacher trained on it therefore
 puts high mass on ``"<"`` right after a mistake: the position where a student that never learned ``"<"`` is
 confident about continuing while the teacher strongly disagrees (low student entropy, high divergence: the
-METHODS.md "Q3" quadrant). `error_positions` marks exactly those positions in a completion.
+docs/METHODS.md "Q3" quadrant). `error_positions` marks exactly those positions in a completion.
 
 Train/eval split: a prompt belongs to the eval split when a stable hash of its text falls in the first
 ``eval_fraction`` of the hash range (`prompt_split`); the teacher and student warm starts and the distillation

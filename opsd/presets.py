@@ -15,7 +15,7 @@ placeholders when they are unset. Every other variable of the file overwrites th
 second preset never mixes with the first; to change one, set it after sourcing.)
 
 Per pair there are:
-- `<pair>-paper`: the papers' recipe as written in METHODS.md (AdamW, cosine schedule, lr 1e-6, 16 rollouts per
+- `<pair>-paper`: the papers' recipe as written in docs/METHODS.md (AdamW, cosine schedule, lr 1e-6, 16 rollouts per
   prompt, responses up to 8192 tokens, OPD chunk 512), full fine-tuning on one node of 8 GPUs with DeepSpeed ZeRO-3
   (run_scripts/accelerate/zero3.yaml), vLLM rollouts when vLLM is installed (USE_VLLM=auto). The GPU size is the smallest of 80/141 GiB the planner says fits. The papers
   do not give the prompt length or the batch size: 1024 prompt tokens and 8 prompts x 16 rollouts per step are ours.
@@ -58,7 +58,7 @@ SINGLE_GPU_SIZES = (24, 48, 80)
 PAPER_GPU_SIZES = (80, 141)
 PAPER_GPUS = 8
 
-# METHODS.md: AdamW, cosine, lr 1e-6, 16 rollouts per prompt, responses up to 8192, OPD chunk 512, reverse KL.
+# docs/METHODS.md: AdamW, cosine, lr 1e-6, 16 rollouts per prompt, responses up to 8192, OPD chunk 512, reverse KL.
 PAPER = dict(learning_rate="1e-6", rollout_n=16, max_response_length=8192, chunk_size=512)
 PROMPT_LENGTH = 1024  # not in the papers (DAPO-Math prompts are short); ours
 LORA = dict(rank=64, alpha=128, targets="all-linear")

@@ -3,7 +3,7 @@
     python -m opsd.probe_teacher --student STUDENT_DIR --teacher TEACHER_DIR --prompts data/train.jsonl \
         [--limit 64 --rollouts 2 --max_new_tokens 256 --eval_k 4 --output probe.json]
 
-What it measures (the Rethinking-OPD paper's conditions, METHODS.md section 4):
+What it measures (the Rethinking-OPD paper's conditions, docs/METHODS.md section 6):
 1. Student-visited states: the student samples `--rollouts` responses per prompt; at every response token both models'
    next-token distributions are compared (opsd.core.diagnostics): overlap ratio |S_K n T_K| / K, the shared set's
    mass under the student and the teacher, the entropy gap H(P_S) - H(P_T) and the reverse KL, overall and by

@@ -1,5 +1,5 @@
 """Overlap diagnostics (opsd.core.diagnostics, tip_ext's statistics pass and the baseline's trainer pass) against
-float64 references written from the definitions (METHODS.md section 4)."""
+float64 references written from the definitions (docs/METHODS.md section 6)."""
 
 from __future__ import annotations
 

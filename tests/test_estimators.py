@@ -1,4 +1,4 @@
-"""Loss estimators (`--loss_support`) against float64 references written from the formulas (METHODS.md section 4)."""
+"""Loss estimators (`--loss_support`) against float64 references written from the formulas (docs/METHODS.md section 6)."""
 
 from __future__ import annotations
 

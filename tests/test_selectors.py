@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tip_ext import RULES, Selection, needed_stats, register, select
+from tip_ext import RULES, TokenChoice, needed_stats, register, select
 
-# ------------------------------------------------------------------ independent references (METHODS.md 2-4)
+# ------------------------------------------------------------------ independent references (docs/METHODS.md sections 4-5)
 
 
 def floor_k(ratio, n, min_keep=1):
@@ -275,7 +275,7 @@ def test_needed_stats_and_register():
     @register("test_every_other", needs=("entropy",), description="keeps even flat indices")
     def _every_other(ctx, *, offset: int = 0):
         keep = (torch.arange(ctx.n) + offset) % 2 == 0
-        return Selection(keep=keep, score=ctx.stats["entropy"])
+        return TokenChoice(keep=keep, score=ctx.stats["entropy"])
 
     try:
         sel = select("test_every_other", {"entropy": torch.ones(5)}, 0.5, offset=1)
@@ -381,7 +381,7 @@ def test_entropy_sample_deterministic_and_all_zero():
 
 
 def ref_inclusion(w, k):
-    """pi_t proportional to w_t, capped at 1, summing to k, in exact arithmetic (METHODS.md: the unbiased variant
+    """pi_t proportional to w_t, capped at 1, summing to k, in exact arithmetic (docs/METHODS.md: the unbiased variant
     needs known inclusion probabilities); the leftover budget goes uniformly to zero weights."""
     w = [Fraction(x) for x in w]
     n, positive = len(w), [i for i, x in enumerate(w) if x > 0]

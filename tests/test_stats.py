@@ -21,7 +21,7 @@ def _kl(p, lp, lq):
 
 
 def reference(zs: torch.Tensor, zt: torch.Tensor, top_k: int, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Float64, row by row, straight from METHODS.md sections 2-3."""
+    """Float64, row by row, straight from docs/METHODS.md section 3."""
     zs = zs.double().numpy() / temperature
     zt = zt.double().numpy() / temperature
     out = {name: [] for name in STAT_NAMES}

@@ -1,4 +1,4 @@
-"""TIP's entropy x divergence quadrant census of a batch, and what a selection kept (METHODS.md section 2).
+"""TIP's entropy x divergence quadrant census of a batch, and what a selection kept (docs/METHODS.md section 4).
 
 Quadrants, with "high" meaning strictly above the axis threshold (per-batch quantile, the median by default):
 Q1 high-H high-D, Q2 high-H low-D, Q3 low-H high-D, Q4 low-H low-D. Empty inputs give zeros, never NaN.

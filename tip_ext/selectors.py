@@ -1,9 +1,9 @@
-"""Token selection rules: which response tokens of a rollout batch keep their distillation loss (METHODS.md 2-4).
+"""Token selection rules: which response tokens of a rollout batch keep their distillation loss (docs/METHODS.md sections 4-5).
 
 `select(rule, stats, ratio, ...)` takes float [N] statistics (tip_ext.stats) over the N VALID tokens of the batch
 (padding and tool-output tokens already removed), flattened row-major so that each sequence's tokens appear in
 increasing position order, plus `sequence_ids` [N] saying which rollout each token belongs to. It returns a
-`Selection` (keep mask, optional weights, optional ranking score). m is the number of valid tokens of one sequence.
+`TokenChoice` (keep mask, optional weights, optional ranking score). m is the number of valid tokens of one sequence.
 
 | rule                 | needs                                   | scope (default)  | k            | options (defaults)                                         |
 |----------------------|-----------------------------------------|------------------|--------------|------------------------------------------------------------|
@@ -19,7 +19,7 @@ increasing position order, plus `sequence_ids` [N] saying which rollout each tok
 | teachability (TA-OPD)| local_forward_kl, support_mass          | batch, >=1 / seq | ceil(rho*N)  | q_low=0.05, q_high=0.95, eps=1e-8, incompatible=False, ensure_each_sequence=True, normalization="quantile" |
 | teachability_entropy | entropy, local_forward_kl, support_mass | batch, >=1 / seq | ceil(rho*N)  | q_low=0.05, q_high=0.95, eps=1e-8, ensure_each_sequence=True, normalization="quantile" |
 
-Choices METHODS.md leaves open, and what this module does:
+Choices docs/METHODS.md leaves open, and what this module does:
 - Ties: a stable sort on the score, so the lower flat index (the earlier position of a sequence) wins.
 - k: floor / ceil of rho*n with a 1e-9 tolerance, so that 0.29 * 100 counts as 29 and not 28.999... -> 28.
   Floor rules keep at least `min_keep` (default 1) tokens per scope unit (the batch, or each sequence for
@@ -63,16 +63,11 @@ from typing import Callable
 
 import torch
 
+from opsd.core.selection import TokenChoice
+
 from .stats import quantile
 
 _K_TOL = 1e-9
-
-
-@dataclass
-class Selection:
-    keep: torch.Tensor  # bool [N] over the valid tokens
-    weights: torch.Tensor | None = None  # float [N] (0 on dropped tokens); None = uniform over kept tokens
-    score: torch.Tensor | None = None  # float [N] ranking score, higher = preferred; None when the rule has none
 
 
 @dataclass
@@ -96,7 +91,7 @@ class RuleContext:
 
 @dataclass(frozen=True)
 class RuleSpec:
-    fn: Callable[..., Selection]  # fn(ctx: RuleContext, **options) -> Selection
+    fn: Callable[..., TokenChoice]  # fn(ctx: RuleContext, **options) -> TokenChoice
     needs: tuple[str, ...]
     description: str
     extra_needs: Callable[[dict], tuple[str, ...]] | None = None  # stats needed only under some options
@@ -106,7 +101,7 @@ RULES: dict[str, RuleSpec] = {}
 
 
 def register(name: str, needs=(), description: str = "", extra_needs=None):
-    """Decorator adding `fn(ctx: RuleContext, *, option=default, ...) -> Selection` to RULES under `name`.
+    """Decorator adding `fn(ctx: RuleContext, *, option=default, ...) -> TokenChoice` to RULES under `name`.
 
     Options must be keyword-only parameters: `select` rejects any option the function does not declare.
     """
@@ -157,7 +152,7 @@ def select(
     generator: torch.Generator | None = None,
     weighting: str = "hard",
     **options,
-) -> Selection:
+) -> TokenChoice:
     """Apply selection `rule` at retention ratio `ratio` in (0, 1] (see the module docstring)."""
     spec = _spec(rule)
     if weighting not in ("hard", "soft"):
@@ -181,7 +176,7 @@ def select(
         raise ValueError(f"stats and sequence_ids must all be 1-D of one length, got {[tuple(t.shape) for t in sized]}")
     device = sized[0].device
     if n == 0:
-        return Selection(keep=torch.zeros(0, dtype=torch.bool, device=device))
+        return TokenChoice(keep=torch.zeros(0, dtype=torch.bool, device=device))
 
     if sequence_ids is None:
         group = torch.zeros(n, dtype=torch.long, device=device)
@@ -196,7 +191,7 @@ def select(
         w = sel.score.double().clamp_min(0)
         mean = w.mean()
         w = w / mean if mean > 0 else torch.ones_like(w)
-        sel = Selection(keep=torch.ones(n, dtype=torch.bool, device=device), weights=w.float(), score=sel.score)
+        sel = TokenChoice(keep=torch.ones(n, dtype=torch.bool, device=device), weights=w.float(), score=sel.score)
     return sel
 
 
@@ -304,38 +299,38 @@ def _soft_or(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - (1.0 - a) * (1.0 - b)
 
 
-def _score_selection(keep: torch.Tensor, score: torch.Tensor) -> Selection:
-    return Selection(keep=keep, weights=None, score=score.float())
+def _score_selection(keep: torch.Tensor, score: torch.Tensor) -> TokenChoice:
+    return TokenChoice(keep=keep, weights=None, score=score.float())
 
 
 # ---------------------------------------------------------------- controls
 
 
 @register("all", description="keep every token (plain OPD)")
-def _rule_all(ctx: RuleContext) -> Selection:
-    return Selection(keep=torch.ones(ctx.n, dtype=torch.bool, device=ctx.device))
+def _rule_all(ctx: RuleContext) -> TokenChoice:
+    return TokenChoice(keep=torch.ones(ctx.n, dtype=torch.bool, device=ctx.device))
 
 
 @register("random", description="floor(rho*N) tokens uniformly without replacement over the batch")
-def _rule_random(ctx: RuleContext, *, min_keep: int = 1) -> Selection:
+def _rule_random(ctx: RuleContext, *, min_keep: int = 1) -> TokenChoice:
     k = int(_num_keep(torch.tensor([ctx.n]), ctx.ratio, "floor", min_keep))
     gen_device = ctx.generator.device if ctx.generator is not None else torch.device("cpu")
     idx = torch.randperm(ctx.n, generator=ctx.generator, device=gen_device)[:k].to(ctx.device)
     keep = torch.zeros(ctx.n, dtype=torch.bool, device=ctx.device)
     keep[idx] = True
-    return Selection(keep=keep)
+    return TokenChoice(keep=keep)
 
 
 @register("position_first", description="first floor(rho*m) tokens of each sequence")
-def _rule_position_first(ctx: RuleContext, *, min_keep: int = 1) -> Selection:
+def _rule_position_first(ctx: RuleContext, *, min_keep: int = 1) -> TokenChoice:
     key = -torch.arange(ctx.n, device=ctx.device)
-    return Selection(keep=_top(ctx, key, True, "floor", min_keep))
+    return TokenChoice(keep=_top(ctx, key, True, "floor", min_keep))
 
 
 @register("position_last", description="last floor(rho*m) tokens of each sequence")
-def _rule_position_last(ctx: RuleContext, *, min_keep: int = 1) -> Selection:
+def _rule_position_last(ctx: RuleContext, *, min_keep: int = 1) -> TokenChoice:
     key = torch.arange(ctx.n, device=ctx.device)
-    return Selection(keep=_top(ctx, key, True, "floor", min_keep))
+    return TokenChoice(keep=_top(ctx, key, True, "floor", min_keep))
 
 
 # ---------------------------------------------------------------- TIP
@@ -422,7 +417,7 @@ def _rule_entropy_sample(
     importance_weights: bool = False,
     uniform_mix: float = 0.1,
     min_keep: int = 1,
-) -> Selection:
+) -> TokenChoice:
     if alpha < 0 or gamma < 0:
         raise ValueError(f"alpha and gamma must be >= 0, got {alpha}, {gamma}")
     if not 0.0 <= uniform_mix <= 1.0:
@@ -434,7 +429,7 @@ def _rule_entropy_sample(
     p = w / total if total > 0 else torch.zeros_like(w)
     k = int(_num_keep(torch.tensor([ctx.n]), ctx.ratio, "floor", min_keep))
     if not importance_weights:
-        return Selection(keep=_sample_without_replacement(w, k, ctx.generator), score=p.float())
+        return TokenChoice(keep=_sample_without_replacement(w, k, ctx.generator), score=p.float())
     # Horvitz-Thompson: a fixed-size design whose inclusion probabilities pi_t are known exactly, and weights
     # k / (N pi_t), so that the kept-token mean sum_T w_t l_t / k is an unbiased estimate of the all-token mean
     # every token needs pi_t > 0 for an unbiased estimate: mix a uniform share into the design (defensive
@@ -446,17 +441,17 @@ def _rule_entropy_sample(
     u = float(torch.rand(1, generator=ctx.generator, dtype=torch.float64, device=gen_device))
     keep = systematic_sample(pi, order, u)
     weights = torch.where(keep, k / (ctx.n * pi.clamp_min(torch.finfo(torch.float64).tiny)), 0.0)
-    return Selection(keep=keep, weights=weights.float(), score=p.float())
+    return TokenChoice(keep=keep, weights=weights.float(), score=p.float())
 
 
 @register("entropy_topk", needs=("entropy_norm",), description="top floor(rho*N) by student entropy")
-def _rule_entropy_topk(ctx: RuleContext, *, per_sequence: bool = False, min_keep: int = 1) -> Selection:
+def _rule_entropy_topk(ctx: RuleContext, *, per_sequence: bool = False, min_keep: int = 1) -> TokenChoice:
     score = ctx.stats["entropy_norm"]
     return _score_selection(_top(ctx, score, per_sequence, "floor", min_keep), score)
 
 
 @register("divergence_topk", needs=("reverse_kl",), description="top floor(rho*N) by reverse KL")
-def _rule_divergence_topk(ctx: RuleContext, *, per_sequence: bool = False, min_keep: int = 1) -> Selection:
+def _rule_divergence_topk(ctx: RuleContext, *, per_sequence: bool = False, min_keep: int = 1) -> TokenChoice:
     score = ctx.stats["reverse_kl"]
     return _score_selection(_top(ctx, score, per_sequence, "floor", min_keep), score)
 
@@ -473,7 +468,7 @@ def _rule_soft_or(
     bottom: bool = False,
     per_sequence: bool = True,
     min_keep: int = 1,
-) -> Selection:
+) -> TokenChoice:
     s = _soft_or(_clipped_minmax(ctx.stats["entropy_norm"], entropy_clip_quantile), _minmax(ctx.stats["reverse_kl"]))
     score = 1.0 - s if bottom else s
     return _score_selection(_top(ctx, score, per_sequence, "floor", min_keep), score)
@@ -490,7 +485,7 @@ def _rule_q3(
     entropy_clip_quantile: float = 0.98,
     per_sequence: bool = False,
     min_keep: int = 1,
-) -> Selection:
+) -> TokenChoice:
     h = _clipped_minmax(ctx.stats["entropy_norm"], entropy_clip_quantile)
     score = ctx.stats["forward_kl"].double() * (1.0 - h)
     return _score_selection(_top(ctx, score, per_sequence, "floor", min_keep), score)
@@ -529,7 +524,7 @@ def _rule_teachability(
     incompatible: bool = False,
     ensure_each_sequence: bool = True,
     normalization: str = "quantile",
-) -> Selection:
+) -> TokenChoice:
     score = _teachability(ctx, q_low, q_high, eps, incompatible, normalization)
     return _score_selection(_ta_keep(ctx, score, ensure_each_sequence), score)
 
@@ -547,7 +542,7 @@ def _rule_teachability_entropy(
     eps: float = 1e-8,
     ensure_each_sequence: bool = True,
     normalization: str = "quantile",
-) -> Selection:
+) -> TokenChoice:
     h = _axis_norm(ctx.stats["entropy"], normalization, q_low, q_high, eps)
     score = _soft_or(h, _teachability(ctx, q_low, q_high, eps, False, normalization))
     return _score_selection(_ta_keep(ctx, score, ensure_each_sequence), score)

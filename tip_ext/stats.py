@@ -1,4 +1,4 @@
-"""Per-token statistics that the selection rules rank by (METHODS.md sections 2 and 3).
+"""Per-token statistics that the selection rules rank by (docs/METHODS.md section 3).
 
 Every statistic is computed from the student's and teacher's next-token distributions P_S, P_T = softmax(logits / T)
 over the shared vocabulary V, a chunk of rows at a time and without gradients, so the extra memory is

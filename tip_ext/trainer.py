@@ -176,7 +176,8 @@ class TipSelector(TokenSelector):
                 stats["entropy_norm"], stats["reverse_kl"], {"overlap_ratio": stats["overlap_ratio"]},
                 cfg.census_quantile).items()})
         metrics.update(self._spread_metrics(stats))
-        return TokenChoice(sel.keep, sel.weights, metrics, sel.score)
+        sel.metrics.update(metrics)
+        return sel
 
     def _spread_metrics(self, stats) -> dict[str, float]:
         """norm/<axis>/{q_low,q_high,min,max,degenerate} of the teachability rules' axes; warns once per axis whose

@@ -1,4 +1,4 @@
-"""Overlap diagnostics of the Rethinking-OPD paper (METHODS.md section 4), one chunk of rows at a time.
+"""Overlap diagnostics of the Rethinking-OPD paper (docs/METHODS.md section 6), one chunk of rows at a time.
 
 Per token t, with S_K and T_K the student's and the teacher's top-K token sets (K = `overlap_k`, default 16):
 

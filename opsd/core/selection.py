@@ -40,6 +40,8 @@ class TokenView:
 
 @dataclass
 class TokenChoice:
+    """One keep decision, carried unchanged from the rule (tip_ext.select) through the seam to the loss."""
+
     keep: torch.Tensor  # bool [N]
     weights: torch.Tensor | None = None  # float [N] multiplying each kept token's loss; None = 1
     metrics: dict[str, float] = field(default_factory=dict)
@@ -52,6 +54,7 @@ class TokenSelector:
     scope: str = "rollout_batch"
     across_processes: bool = True
     needs_model_pass: bool = True
+    logs_overlap: bool = False  # True: the selector logs the overlap diagnostics itself (the trainer then does not)
 
     def statistics(self, view: TokenView) -> dict[str, torch.Tensor]:
         return {}
