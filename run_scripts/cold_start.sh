@@ -29,9 +29,11 @@
 #   SEED                       [42]
 #   COLD_START_ARGS            [unset] more python -m opsd.cold_start flags (e.g. --keep_truncated)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-PY=${PYTHON_BIN:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python3)}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+opsd_help "${BASH_SOURCE[0]}" "$@"
+cd "$OPSD_ROOT"
+opsd_python
+PY=$PYTHON
 
 : "${MODEL_PATH:?set MODEL_PATH to the local student model directory}"
 : "${TEACHER_MODEL_PATH:?set TEACHER_MODEL_PATH to the local teacher model directory}"

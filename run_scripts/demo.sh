@@ -7,11 +7,14 @@
 # Extra flags go to `python -m lab.study` (--output_dir, --configs, --seeds, --steps, --workers, ...).
 # Variables:
 #   VENV             virtualenv to create/use (default .venv)
+#   PYTHON_BIN       interpreter to use instead of the virtualenv's (then nothing is installed)
 #   OMP_NUM_THREADS  threads of the main process (default 1; every run goes to a worker process with 1 thread)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash run_scripts/setup.sh
-VENV=${VENV:-.venv}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+opsd_help "${BASH_SOURCE[0]}" "$@"
+cd "$OPSD_ROOT"
+[ -n "${PYTHON_BIN:-}" ] || bash run_scripts/setup.sh
+opsd_python
 # one thread per process: multi-threaded tiny kernels stall when another process takes a core
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$VENV/bin/python" -m lab.study "$@"
+exec "$PYTHON" -m lab.study "$@"

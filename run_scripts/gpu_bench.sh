@@ -18,9 +18,11 @@
 #   PROFILE_COMPLETION   completion tokens per rollout of the profile (default 512)
 #   VENV, PYTHON_BIN     interpreter, as in train_opd.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-PY=${PYTHON_BIN:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python3)}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+opsd_help "${BASH_SOURCE[0]}" "$@"
+cd "$OPSD_ROOT"
+opsd_python
+PY=$PYTHON
 OUT=${OUT:-runs/gpu_bench-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 if command -v nvidia-smi >/dev/null 2>&1; then

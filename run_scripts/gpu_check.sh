@@ -9,13 +9,18 @@
 #   bash run_scripts/gpu_check.sh --dry-run                # planner estimates only, no GPU needed
 #   bash run_scripts/gpu_check.sh --tiny                   # tiny configs on CPU (what the tests run)
 #
-# Variables: OUT (output folder; default runs/gpu_check-<time>), GPU_CHECK_TIMEOUT (seconds, default 540: the run is
-# stopped and its partial JSON kept), VENV / PYTHON_BIN as in train_opd.sh. Extra arguments go to opsd.gpu_check
-# (--student, --teachers, --prompt_length, --response_length, --micro_batch, --steps, --keep, --no_4bit, --only).
+# Extra arguments go to opsd.gpu_check (--student, --teachers, --prompt_length, --response_length, --micro_batch,
+# --steps, --keep, --no_4bit, --only).
+# Variables:
+#   OUT                  output folder (default runs/gpu_check-<time>)
+#   GPU_CHECK_TIMEOUT    seconds (default 540): the run is stopped and its partial JSON kept
+#   VENV, PYTHON_BIN     interpreter, as in train_opd.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-PY=${PYTHON_BIN:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python3)}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+opsd_help "${BASH_SOURCE[0]}" "$@"
+cd "$OPSD_ROOT"
+opsd_python
+PY=$PYTHON
 OUT=${OUT:-runs/gpu_check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 if command -v nvidia-smi >/dev/null 2>&1; then

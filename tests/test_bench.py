@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tip_ext import bench
+from lab import bench
 
 
 def _inputs(frozen=False):
