@@ -161,6 +161,19 @@ def check_targets(results: list[dict]) -> list[dict]:
     return out
 
 
+
+def run_child(cmd: list[str], timeout: float) -> tuple[dict | None, str | None]:
+    """Run one measurement in its own process (its peak memory is its own): (the JSON of its `RESULT ` line,
+    None), or (None, the error: the end of its stderr, or the timeout)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:g} s"
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        return None, proc.stderr[-800:]
+    return json.loads(line[len("RESULT "):]), None
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,18 +226,13 @@ def main(argv=None):
                str(args.chunk_size), "--top_k", str(args.top_k), "--repeats", str(args.repeats), "--threads",
                str(args.threads), "--clock", args.clock]
         print(f"[{i}/{len(todo)}] {variant} N={n} ...", file=sys.stderr, flush=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            error = None if proc.returncode == 0 and line else proc.stderr[-500:]
-        except subprocess.TimeoutExpired:
-            line, error = None, f"timed out after {args.timeout:g} s"
+        result, error = run_child(cmd, args.timeout)
         if error:
             print(error, file=sys.stderr)
             results.append({"variant": variant, "n": n, "error": error})
             _save(args.out, {"meta": {"partial": True}, "results": results})
             continue
-        results.append(json.loads(line[len("RESULT "):]))
+        results.append(result)
         _save(args.out, {"meta": {"partial": True}, "results": results})  # a run stopped by a timeout keeps these
     _ratios(results)
     targets = check_targets(results)

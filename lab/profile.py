@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -40,6 +39,8 @@ from collections import defaultdict
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from .bench import run_child
 
 PHASES = ("generation", "teacher pass", "statistics pass", "student forward", "loss", "student backward",
           "optimizer", "other")
@@ -290,17 +291,12 @@ def main(argv=None):
     for i, config in enumerate(args.configs, 1):
         print(f"[{i}/{len(args.configs)}] {config} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "lab.profile", *passthrough, "--child", config]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            error = None if proc.returncode == 0 and line else proc.stderr[-800:]
-        except subprocess.TimeoutExpired:
-            line, error = None, f"timed out after {args.timeout:g} s"
+        result, error = run_child(cmd, args.timeout)
         if error:
             print(error, file=sys.stderr)
             results.append({"config": config, "error": error})
         else:
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(result)
         with open(args.out, "w") as f:  # after every config: a run stopped by a timeout keeps what it measured
             json.dump({"meta": {"partial": True}, "results": results}, f, indent=2)
     meta = {k: getattr(args, k) for k in ("student", "teacher", "tiny", "batch", "prompt_length",

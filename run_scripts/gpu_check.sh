@@ -23,9 +23,7 @@ opsd_python
 PY=$PYTHON
 OUT=${OUT:-runs/gpu_check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
-if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1 || true
-fi
+opsd_gpu_info "$OUT/nvidia-smi.csv"
 case " $* " in *" --dry-run "*|*" --dry_run "*) versions=0 ;; *) versions=1 ;; esac
 [ "$versions" = 1 ] && "$PY" - > "$OUT/versions.txt" 2>&1 <<'PY' || true
 import importlib

@@ -6,6 +6,7 @@
 #   opsd_wants_help ARGS...  true when ARGS holds -h or --help
 #   opsd_python              set PYTHON: PYTHON_BIN, else $VENV/bin/python (VENV default .venv), else python3
 #   opsd_gpu_count           print the number of NVIDIA GPUs nvidia-smi lists (0 without a working nvidia-smi)
+#   opsd_gpu_info FILE       write each GPU's name, memory and driver (nvidia-smi CSV) to FILE; nothing without one
 #   opsd_log MSG...          "[script] MSG" on stderr
 #   opsd_note MSG...         "[script] note: MSG" on stderr (a setting that behaves differently from upstream)
 #   opsd_die MSG...          "[script] error: MSG" on stderr, exit 2
@@ -51,6 +52,12 @@ opsd_python() {
   command -v "$PYTHON" >/dev/null 2>&1 \
     || opsd_die "interpreter '$PYTHON' not found; set PYTHON_BIN or run run_scripts/setup.sh"
   export PYTHON
+}
+
+opsd_gpu_info() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$1" 2>&1 || true
+  fi
 }
 
 opsd_gpu_count() {
