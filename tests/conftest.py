@@ -21,7 +21,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def pytest_report_header(config):
+def machine_line() -> str:
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # older torch
@@ -33,8 +33,15 @@ def pytest_report_header(config):
         flags = " ".join(flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {flag}" in text)
     except OSError:
         pass
-    return [f"cpu: {_cpu_model()} ({flags or 'no avx flags read'}); torch {torch.__version__} cpu capability "
-            f"{capability}; {torch.get_num_threads()} threads"]
+    return (f"cpu: {_cpu_model()} ({flags or 'no avx flags read'}); torch {torch.__version__} cpu capability "
+            f"{capability}; {torch.get_num_threads()} threads")
+
+
+def pytest_sessionstart(session):
+    """Say where the suite runs, also under -q (which hides pytest's report header)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(machine_line())
 
 
 @pytest.fixture(scope="session")
