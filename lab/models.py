@@ -785,6 +785,8 @@ def default_lab_config(task_name: str = "addition") -> LabConfig:
         # 2 steps from 120 on against a lower target.
         return LabConfig(task=ReverseSumConfig(), task_name="reverse_sum", teacher_steps=600, student_steps=800,
                          student_target_em=0.15, student_check_every=2, student_min_steps=120)
+    if task_name == "addition_swapped":  # the addition lab's sizes and steps; only the teacher's order differs
+        return LabConfig(task_name="addition_swapped")
     raise ValueError(f"no default lab settings for task {task_name!r}; built-in: {sorted(TASKS)}")
 
 
