@@ -33,6 +33,13 @@ from .study import RunSpec, StudySettings, _eval_prompts, _quiet, paired_interva
 
 SCENARIOS = ("incompatible", "no_new_capability", "estimators")
 OVERLAP_K = 4
+# Two cold-start strengths (seed 0, measured on the addition lab): 512 rollouts x 100 SFT steps of 32 switch the
+# student to the teacher's order without teaching it the task (exact match 0.11 after SFT; 60 steps at 3e-3 gave
+# 0.015), 2048 rollouts x 300 steps of 64 (9 epochs) are sequence-level distillation that nearly solves it (0.95).
+COLD_STARTS = {
+    "cold_start_short": dict(n_prompts=512, sft_steps=100, sft_lr=2e-3, batch_size=32),
+    "cold_start_long": dict(n_prompts=2048, sft_steps=300, sft_lr=2e-3, batch_size=64),
+}
 
 
 def prepare_swapped_teacher(cache_dir: str, cfg=None, progress: bool = True) -> dict:
@@ -139,15 +146,16 @@ def _start_point(student_dir, teacher_dir, tokenizer_dir, eval_prompts, task) ->
 
 
 def run_scenarios(output_dir: str, scenarios=SCENARIOS, settings: StudySettings | None = None,
-                  cache_dir: str = ".cache/lab", lab_configs: dict | None = None, cold_start_options: dict | None = None,
+                  cache_dir: str = ".cache/lab", lab_configs: dict | None = None, cold_starts: dict | None = None,
                   progress: bool = True) -> dict:
     """Runs the scenarios in this process (one after the other) and writes scenarios.{md,json}.
-    `lab_configs`: LabConfig overrides for "addition" / "addition_swapped" (tests use tiny ones)."""
+    `lab_configs`: LabConfig overrides for "addition" / "addition_swapped" (tests use tiny ones); `cold_starts`:
+    name -> `cold_start` options (default COLD_STARTS)."""
     from .tasks import get_task
 
     settings = settings or StudySettings(n_eval=200)
     lab_configs = lab_configs or {}
-    cold_start_options = cold_start_options or {}
+    cold_starts = cold_starts or COLD_STARTS
     os.makedirs(output_dir, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -172,25 +180,35 @@ def run_scenarios(output_dir: str, scenarios=SCENARIOS, settings: StudySettings 
         swap_task = get_task("addition_swapped", swap_cfg.task.to_dict())
         say(f"incompatible: swapped teacher exact match {swapped['metrics'].get('exact_match')}")
         start = _start_point(paths["student"], swapped["teacher"], paths["tokenizer"], prompts, swap_task)
-        runs, colds = [], []
+        runs, colds = [], {name: [] for name in cold_starts}
         for seed in settings.seeds:
             runs.append(run_opd("opd_warm_start", paths["student"], swapped["teacher"], seed=seed, task=swap_task,
                                 **common))
             say(f"incompatible opd_warm_start seed {seed}: EM {runs[-1]['exact_match']:.3f}")
-            cold_dir = os.path.join(work, f"cold_start-seed{seed}")
-            summary = cold_start(swapped["teacher"], paths["student"], paths["train_prompts"], cold_dir, seed,
-                                 swap_task.max_new_tokens, **cold_start_options)
-            cs = _start_point(cold_dir, swapped["teacher"], paths["tokenizer"], prompts, swap_task)
-            colds.append({"seed": seed, "exact_match": cs["exact_match"], "heldout_kl": cs["heldout_kl"],
-                          "correct": [bool(c) for c in cs["correct"]],
-                          **{k: summary.get(k) for k in ("kept", "generated", "teacher_mean_reward", "sft_steps",
-                                                          "sft_first_loss", "sft_last_loss")}})
-            runs.append(run_opd("cold_start+opd", cold_dir, swapped["teacher"], seed=seed, task=swap_task, **common))
-            say(f"incompatible cold start seed {seed}: EM after SFT {cs['exact_match']:.3f}, after OPD "
-                f"{runs[-1]['exact_match']:.3f}")
-        result["scenarios"]["incompatible"] = _summarize(
-            runs, start, settings, teacher_em=swapped["metrics"].get("exact_match"), reference="opd_warm_start",
-            extra={"cold_start_only": colds})
+            for cs_name, options in cold_starts.items():
+                cold_dir = os.path.join(work, f"{cs_name}-seed{seed}")
+                summary = cold_start(swapped["teacher"], paths["student"], paths["train_prompts"], cold_dir, seed,
+                                     swap_task.max_new_tokens, **options)
+                cs = _start_point(cold_dir, swapped["teacher"], paths["tokenizer"], prompts, swap_task)
+                colds[cs_name].append({
+                    "seed": seed, "exact_match": cs["exact_match"], "heldout_kl": cs["heldout_kl"],
+                    "correct": [bool(c) for c in cs["correct"]], "options": options,
+                    **{k: summary.get(k) for k in ("kept", "generated", "sft_steps", "sft_first_loss",
+                                                    "sft_last_loss")}})
+                runs.append(run_opd(f"{cs_name}+opd", cold_dir, swapped["teacher"], seed=seed, task=swap_task,
+                                    **common))
+                say(f"incompatible {cs_name} seed {seed}: EM after SFT {cs['exact_match']:.3f}, after OPD "
+                    f"{runs[-1]['exact_match']:.3f}")
+        sc = _summarize(runs, start, settings, teacher_em=swapped["metrics"].get("exact_match"),
+                        reference="opd_warm_start", extra=colds)
+        for row in sc["summary"]:  # what OPD adds on top of each cold start (paired by seed and prompt)
+            if row["config"].endswith("+opd"):
+                alone = {c["seed"]: c for c in colds[row["config"][: -len("+opd")]]}
+                mine = sorted((r for r in runs if r["config"] == row["config"]), key=lambda r: r["seed"])
+                row["vs_cold_start_alone"] = paired_interval(np.stack([_flags(r) for r in mine]),
+                                                             np.stack([_flags(alone[r["seed"]]) for r in mine]),
+                                                             settings.bootstrap)
+        result["scenarios"]["incompatible"] = sc
 
     if "no_new_capability" in scenarios:
         start = _start_point(paths["student"], paths["student"], paths["tokenizer"], prompts, task)
@@ -260,8 +278,9 @@ def _summarize(runs, start, settings, teacher_em=None, reference=None, extra=Non
            "teacher_exact_match": teacher_em, "summary": rows,
            "runs": [{k: v for k, v in r.items() if k != "correct"} for r in runs]}
     if extra:
+        out["cold_starts"] = {}
         for k, v in extra.items():
-            out[k] = {"exact_match": t_interval([c["exact_match"] for c in v]),
+            out["cold_starts"][k] = {"exact_match": t_interval([c["exact_match"] for c in v]),
                       "vs_start": paired_interval(np.stack([_flags(c) for c in v]),
                                                   np.tile(start_flags, (len(v), 1)), settings.bootstrap),
                       "per_seed": [{kk: vv for kk, vv in c.items() if kk != "correct"} for c in v]}
@@ -272,8 +291,9 @@ def pick_curves(scenarios: dict) -> dict:
     """Seed-0 overlap curves of the runs that show success and failure: the standard lab's full OPD and the cold
     start (successful) against OPD across incompatible patterns and from a self-teacher."""
     picks = {"success: standard addition, full OPD": ("estimators", "full"),
-             "success?: incompatible, cold start + OPD": ("incompatible", "cold_start+opd"),
-             "failure?: incompatible, OPD from the warm start": ("incompatible", "opd_warm_start"),
+             "incompatible, short cold start + OPD": ("incompatible", "cold_start_short+opd"),
+             "incompatible, long cold start + OPD": ("incompatible", "cold_start_long+opd"),
+             "incompatible, OPD from the warm start": ("incompatible", "opd_warm_start"),
              "no new capability: self-teacher OPD": ("no_new_capability", "opd_self_teacher")}
     out = {}
     for label, (scen, cfg) in picks.items():
@@ -303,14 +323,18 @@ def format_report(result: dict) -> str:
         lines += [f"## {name}", "",
                   f"Teacher exact match {sc['teacher_exact_match']}; start (warm-started student) exact match "
                   f"{sc['start']['exact_match']:.3f}, held-out KL {sc['start']['heldout_kl']:.3f}.", ""]
-        if "cold_start_only" in sc:
-            c = sc["cold_start_only"]
-            lines += [f"Cold start alone (SFT on teacher rollouts, before OPD): exact match {_iv(c['exact_match'])}, "
-                      f"vs start {_iv(c['vs_start'], signed=True)}.", ""]
+        for cs_name, c in sc.get("cold_starts", {}).items():
+            o = c["per_seed"][0]["options"]
+            after = next((r for r in sc["summary"] if r["config"] == f"{cs_name}+opd"), {})
+            lines += [f"{cs_name} alone ({o['n_prompts']} teacher rollouts, {o['sft_steps']} SFT steps x batch "
+                      f"{o['batch_size']}, lr {o['sft_lr']}; before OPD): exact match {_iv(c['exact_match'])}, vs "
+                      f"start {_iv(c['vs_start'], signed=True)}; OPD on top of it: "
+                      f"{_iv(after.get('vs_cold_start_alone'), signed=True)}.", ""]
         lines += ["| config | exact match | vs start | vs reference | held-out KL | teacher mass | student mass | "
                   "overlap ratio | entropy gap |", "|---|---|---|---|---|---|---|---|---|"]
         for row in sc["summary"]:
-            ref = next((v for k, v in row.items() if k.startswith("vs_") and k != "vs_start"), None)
+            ref = next((v for k, v in row.items() if k.startswith("vs_") and k not in ("vs_start",
+                                                                                   "vs_cold_start_alone")), None)
             lines.append(
                 f"| {row['config']} | {_iv(row['exact_match'])} | {_iv(row['vs_start'], signed=True)} | "
                 f"{_iv(ref, signed=True) if ref else '-'} | {_iv(row['heldout_kl'], 2)} | "

@@ -29,7 +29,7 @@ def scen(tmp_path_factory):
     settings = StudySettings(seeds=(0,), steps=STEPS, batch_size=8, learning_rate=3e-3, n_eval=8, bootstrap=100)
     out = str(root / "out")
     result = run_scenarios(out, SCENARIOS, settings, cache_dir=str(root / "cache"), lab_configs=tiny_labs(),
-                           cold_start_options={"n_prompts": 8, "sft_steps": 3, "batch_size": 4}, progress=False)
+                           cold_starts={"cold_start_short": dict(n_prompts=8, sft_steps=3, sft_lr=1e-3, batch_size=4)}, progress=False)
     return result, out
 
 
@@ -55,7 +55,7 @@ def test_report_has_every_scenario_and_field(scen):
     md = open(os.path.join(out, "scenarios.md")).read()
     assert set(saved["scenarios"]) == set(SCENARIOS) and saved["overlap_k"] == 4
     configs = {name: [r["config"] for r in sc["summary"]] for name, sc in saved["scenarios"].items()}
-    assert configs == {"incompatible": ["opd_warm_start", "cold_start+opd"],
+    assert configs == {"incompatible": ["opd_warm_start", "cold_start_short+opd"],
                        "no_new_capability": ["opd_self_teacher"], "estimators": ["full", "union", "student_topk"]}
     for name, sc in saved["scenarios"].items():
         assert f"## {name}" in md
@@ -64,7 +64,8 @@ def test_report_has_every_scenario_and_field(scen):
                 assert {"mean", "lo", "hi"} <= set(row[key]), (name, row["config"], key)
     assert "vs_full" in saved["scenarios"]["estimators"]["summary"][1]
     assert "vs_opd_warm_start" in saved["scenarios"]["incompatible"]["summary"][1]
-    assert "cold_start_only" in saved["scenarios"]["incompatible"]
+    assert "vs_cold_start_alone" in saved["scenarios"]["incompatible"]["summary"][1]
+    assert set(saved["scenarios"]["incompatible"]["cold_starts"]) == {"cold_start_short"}
     assert len(saved["curves"]) == 4 and "Overlap curves" in md
 
 
@@ -81,7 +82,7 @@ def test_runs_train_and_log_overlap_every_step(scen):
     est = result["scenarios"]["estimators"]
     full = [r for r in est["runs"] if r["config"] == "full"]
     assert all(r["heldout_kl"] < est["start"]["heldout_kl"] for r in full)
-    cold = result["scenarios"]["incompatible"]["cold_start_only"]["per_seed"]
+    cold = result["scenarios"]["incompatible"]["cold_starts"]["cold_start_short"]["per_seed"]
     assert all(c["sft_steps"] == 3 and c["kept"] > 0 for c in cold)
 
 
