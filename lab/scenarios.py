@@ -111,7 +111,7 @@ def run_opd(name: str, student_dir: str, teacher_dir: str, tokenizer_dir: str, t
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
     final = evaluate_student(trainer.model.eval(), teacher, tokenizer, eval_prompts, task.max_new_tokens, task)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    curve = [{"step": h["step"], **{k: h[k] for k in CURVE_KEYS if k in h}} for h in logs]
+    curve = [{"step": h["step"], **{k: v for k, v in h.items() if k.startswith("overlap/")}} for h in logs]
     return {"config": name, "seed": seed, "exact_match": final["exact_match"], "heldout_kl": final["heldout_kl"],
             "correct": [bool(c) for c in final["correct"]], "curve": curve, "train_seconds": train_seconds,
             "final_loss": logs[-1]["loss"] if logs else None, "options": config}
@@ -259,7 +259,7 @@ def _summarize(runs, start, settings, teacher_em=None, reference=None, extra=Non
                "exact_match": t_interval([r["exact_match"] for r in mine]),
                "heldout_kl": t_interval([r["heldout_kl"] for r in mine]),
                "vs_start": paired_interval(flags, np.tile(start_flags, (len(mine), 1)), settings.bootstrap)}
-        for key in CURVE_KEYS:
+        for key in CURVE_KEYS + tuple(f"overlap/teacher_mass/{b}" for b in ("first", "middle", "last")):
             vals = [_final_overlap(r, key) for r in mine]
             first = [r["curve"][0].get(key) for r in mine if r["curve"]]
             if all(v is not None for v in vals) and vals:
@@ -342,6 +342,11 @@ def format_report(result: dict) -> str:
         lines += ["", "Step 1: " + "; ".join(
             f"{row['config']}: " + ", ".join(f"{k.split('/')[1]} {row[f'{k}/step1']['mean']:.3f}"
                                               for k in CURVE_KEYS if f"{k}/step1" in row)
+            for row in sc["summary"]) + ".", ""]
+        lines += ["Teacher mass on the shared set by response third (first / middle / last), last 5 steps: " + "; ".join(
+            f"{row['config']}: " + " / ".join(f"{row[f'overlap/teacher_mass/{b}/last5']['mean']:.3f}"
+                                              for b in ("first", "middle", "last")
+                                              if f"overlap/teacher_mass/{b}/last5" in row)
             for row in sc["summary"]) + ".", ""]
     if result["curves"]:
         lines += ["## Overlap curves (seed 0; teacher mass / student mass / overlap ratio on the shared top-K set)", ""]
