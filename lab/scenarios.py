@@ -275,7 +275,7 @@ def _summarize(runs, start, settings, teacher_em=None, reference=None, extra=Non
                                                          settings.bootstrap)
         rows.append(row)
     out = {"start": {"exact_match": start["exact_match"], "heldout_kl": start["heldout_kl"]},
-           "teacher_exact_match": teacher_em, "summary": rows,
+           "teacher_exact_match": teacher_em, "reference": reference, "summary": rows,
            "runs": [{k: v for k, v in r.items() if k != "correct"} for r in runs]}
     if extra:
         out["cold_starts"] = {}
@@ -322,7 +322,8 @@ def format_report(result: dict) -> str:
     for name, sc in result["scenarios"].items():
         lines += [f"## {name}", "",
                   f"Teacher exact match {sc['teacher_exact_match']}; start (warm-started student) exact match "
-                  f"{sc['start']['exact_match']:.3f}, held-out KL {sc['start']['heldout_kl']:.3f}.", ""]
+                  f"{sc['start']['exact_match']:.3f}, held-out KL {sc['start']['heldout_kl']:.3f}."
+                  + (f" 'vs reference' is paired against `{sc['reference']}`." if sc.get("reference") else ""), ""]
         for cs_name, c in sc.get("cold_starts", {}).items():
             o = c["per_seed"][0]["options"]
             after = next((r for r in sc["summary"] if r["config"] == f"{cs_name}+opd"), {})

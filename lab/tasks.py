@@ -336,15 +336,18 @@ class SwappedScratchpadTask(AdditionTask):
         return None
 
 
-TASKS: dict[str, type[Task]] = {AdditionTask.name: AdditionTask, ReverseSumTask.name: ReverseSumTask,
-                                SwappedScratchpadTask.name: SwappedScratchpadTask}
+# The study's tasks (`python -m lab.study` runs all of them by default).
+TASKS: dict[str, type[Task]] = {AdditionTask.name: AdditionTask, ReverseSumTask.name: ReverseSumTask}
+# Tasks that only make sense in a scenario (lab.scenarios), not in the study's selector comparison.
+SCENARIO_TASKS: dict[str, type[Task]] = {SwappedScratchpadTask.name: SwappedScratchpadTask}
+KNOWN_TASKS: dict[str, type[Task]] = {**TASKS, **SCENARIO_TASKS}
 
 
 def get_task(name: str | Task, config: dict | None = None) -> Task:
     """A task instance by registry name (a Task passes through); `config` overrides its settings."""
     if isinstance(name, Task):
         return name
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)} (--task NAME)")
-    cls = TASKS[name]
+    if name not in KNOWN_TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(KNOWN_TASKS)} (--task NAME)")
+    cls = KNOWN_TASKS[name]
     return cls.from_dict(config) if config else cls()

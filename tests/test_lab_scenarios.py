@@ -63,6 +63,7 @@ def test_report_has_every_scenario_and_field(scen):
             for key in ("exact_match", "heldout_kl", "vs_start", *(f"{k}/last5" for k in CURVE_KEYS)):
                 assert {"mean", "lo", "hi"} <= set(row[key]), (name, row["config"], key)
     assert "vs_full" in saved["scenarios"]["estimators"]["summary"][1]
+    assert saved["scenarios"]["estimators"]["reference"] == "full" and "paired against `full`" in md
     assert "vs_opd_warm_start" in saved["scenarios"]["incompatible"]["summary"][1]
     assert "vs_cold_start_alone" in saved["scenarios"]["incompatible"]["summary"][1]
     assert set(saved["scenarios"]["incompatible"]["cold_starts"]) == {"cold_start_short"}
