@@ -3,7 +3,8 @@
 
 (a) incompatible: the teacher of `addition_swapped` (lab.tasks: every scratchpad column written carry first) and the
     addition lab's usual warm-started student (digit first). Runs: OPD from the warm start, and the paper's off-policy
-    cold start (opsd.cold_start: teacher rollouts on train prompts, SFT of the student on them) followed by the same OPD.
+    cold start (opsd.cold_start: teacher rollouts on train prompts, SFT of the student on them) at the two strengths
+    of `COLD_STARTS`, each followed by the same OPD (the report also gives each cold start alone).
 (b) no_new_capability: the teacher is the student's own warm-start checkpoint; OPD vs the warm start.
 (c) estimators: on the standard addition lab, full-vocabulary OPD vs the top-K estimators `loss_support=union` and
     `student_topk` at equal steps.

@@ -25,7 +25,9 @@ one, the mistaken token itself (where the teacher puts little mass on what the s
 Adding a task: subclass `Task`, give it a config dataclass, register it in `TASKS`, and give it default model
 sizes in `lab.models.default_lab_config`. A teacher with a different scratchpad order ("incompatible thinking
 pattern") is a task whose `teacher_example` writes another order than `student_example`; `positions_of_interest`
-may then return None (nothing is known by construction) and every part of the lab still runs.
+may then return None (nothing is known by construction) and every part of the lab still runs. `addition_swapped`
+is one; it is registered in `SCENARIO_TASKS` (lab.scenarios uses it), not in `TASKS`, so the study does not run it
+by default; `get_task` and `LabConfig` look names up in both (`KNOWN_TASKS`).
 """
 
 from __future__ import annotations
