@@ -25,7 +25,9 @@ one, the mistaken token itself (where the teacher puts little mass on what the s
 Adding a task: subclass `Task`, give it a config dataclass, register it in `TASKS`, and give it default model
 sizes in `lab.models.default_lab_config`. A teacher with a different scratchpad order ("incompatible thinking
 pattern") is a task whose `teacher_example` writes another order than `student_example`; `positions_of_interest`
-may then return None (nothing is known by construction) and every part of the lab still runs.
+may then return None (nothing is known by construction) and every part of the lab still runs. `addition_swapped`
+is one; it is registered in `SCENARIO_TASKS` (lab.scenarios uses it), not in `TASKS`, so the study does not run it
+by default; `get_task` and `LabConfig` look names up in both (`KNOWN_TASKS`).
 """
 
 from __future__ import annotations
@@ -296,14 +298,58 @@ class ReverseSumTask(Task):
         return 2 * self.config.digits + 2 + 2  # completion, EOS and 2 tokens of slack
 
 
+class SwappedScratchpadTask(AdditionTask):
+    """Addition whose teacher thinks in another order: every scratchpad column is written carry first, then the
+    sum digit (``"473+859="`` -> teacher ``"12,13,13:1332"``, student ``"21,31,31:1332"``).
+
+    The student's warm start (`student_example`) is the usual addition one; only the teacher's training data
+    (`teacher_example`, with the usual injected errors and ``"<"`` repairs) uses the swapped order. Both orders give
+    the same final answer, so `is_correct` (answer only) scores either; ``strict`` accepts either scratchpad. At the
+    student's own states the teacher expects a carry where the student writes a digit and vice versa: the
+    Rethinking-OPD paper's "incompatible thinking pattern" (lab.scenarios). Known positions: none by construction.
+    """
+
+    name = "addition_swapped"
+    regime = ("the teacher writes every scratchpad column carry-then-digit, the student digit-then-carry: "
+              "incompatible thinking patterns with the same answers")
+
+    def teacher_solution(self, prompt: str) -> str:
+        cols = addition.solution(prompt).split(addition.ANSWER_SEP)[0].split(addition.COLUMN_SEP)
+        return (addition.COLUMN_SEP.join(c[::-1] for c in cols) + addition.ANSWER_SEP + addition.answer(prompt))
+
+    def teacher_example(self, prompt, rng):
+        rate = self.config.error_rate if self.config.corrections else 0.0
+        tokens, train = [], []
+        for right in list(self.teacher_solution(prompt)) + [EOS_TOKEN]:
+            if rate > 0 and rng.random() < rate:  # the usual injected mistake and its repair (no loss on it)
+                tokens += [addition._wrong_token(rng, right), self.correction]
+                train += [False, True]
+            tokens.append(right)
+            train.append(True)
+        return tokens, train
+
+    def is_correct(self, prompt, text, strict=False):
+        if not strict:
+            return addition.is_correct(prompt, text)
+        done = addition.apply_corrections(addition._strip_eos(text).replace(PAD_TOKEN, "")).strip()
+        return done in (addition.solution(prompt), self.teacher_solution(prompt))
+
+    def positions_of_interest(self, prompt, completion_ids, tokenizer=None):
+        return None
+
+
+# The study's tasks (`python -m lab.study` runs all of them by default).
 TASKS: dict[str, type[Task]] = {AdditionTask.name: AdditionTask, ReverseSumTask.name: ReverseSumTask}
+# Tasks that only make sense in a scenario (lab.scenarios), not in the study's selector comparison.
+SCENARIO_TASKS: dict[str, type[Task]] = {SwappedScratchpadTask.name: SwappedScratchpadTask}
+KNOWN_TASKS: dict[str, type[Task]] = {**TASKS, **SCENARIO_TASKS}
 
 
 def get_task(name: str | Task, config: dict | None = None) -> Task:
     """A task instance by registry name (a Task passes through); `config` overrides its settings."""
     if isinstance(name, Task):
         return name
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)} (--task NAME)")
-    cls = TASKS[name]
+    if name not in KNOWN_TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(KNOWN_TASKS)} (--task NAME)")
+    cls = KNOWN_TASKS[name]
     return cls.from_dict(config) if config else cls()
