@@ -40,7 +40,7 @@ from collections import defaultdict
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .bench import run_child
+from .bench import _cpu_name, run_child
 
 PHASES = ("generation", "teacher pass", "statistics pass", "student forward", "loss", "student backward",
           "optimizer", "other")
@@ -313,14 +313,6 @@ def main(argv=None):
     print(table)
     print(f"\nwrote {args.out} and {png}")
     return results
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return os.uname().machine
 
 
 if __name__ == "__main__":
