@@ -107,7 +107,9 @@
 #   EXTRA_ARGS                     [unset] more python -m opsd.train flags; --learning_rate, --loss_type,
 #                                  --reward_beta, --rollout_n, --per_device_train_batch_size, --temperature and
 #                                  --gradient_accumulation_steps there (or after the script's name) also name the run
-#   DRY_RUN                        [0] 1 = check the settings, print the resolved configuration, exit
+#   DRY_RUN                        [0] 1 = check everything checkable without loading a model (settings, model
+#                                  directories, tokenizers, data; a raw DATA_DIR is prepared), print the resolved
+#                                  configuration, exit
 # Recipe (Rethinking OPD)
 #   COLD_START                     [0] 1/true = run run_scripts/cold_start.sh first (teacher rollouts -> SFT) and start
 #                                  OPD from its checkpoint; skipped when COLD_START_DIR already holds a finished one
@@ -185,17 +187,15 @@ elif has_train "$DATA_DIR"; then
 elif [ -f "$RAW_DAPO" ]; then
   TRAIN_FILE=$PREPARED
   VAL_DIR=$PREPARED
-  [ "$DRY" = true ] && opsd_log "DRY_RUN: would prepare $DATA_DIR (upstream's raw layout) into $PREPARED"
-  if [ "$DRY" = false ]; then
-    opsd_log "preparing upstream's raw data in $DATA_DIR into $PREPARED (DAPO ${DAPO_TRAIN_RATIO:-0.8} train split)"
-    prepare "$RAW_DAPO" train --layout dapo --train_ratio "${DAPO_TRAIN_RATIO:-0.8}"
-    mv "$PREPARED/validation.jsonl" "$PREPARED/val_dapo.jsonl"
-  fi
+  # prepared on every run, as upstream; a dry run prepares too, so that it can check the prepared files
+  opsd_log "preparing upstream's raw data in $DATA_DIR into $PREPARED (DAPO ${DAPO_TRAIN_RATIO:-0.8} train split)"
+  prepare "$RAW_DAPO" train --layout dapo --train_ratio "${DAPO_TRAIN_RATIO:-0.8}"
+  mv "$PREPARED/validation.jsonl" "$PREPARED/val_dapo.jsonl"
   planned=""
   for pair in "MATH-500/test.jsonl:val_math500" "AIME_2024/aime_2024_problems.parquet:val_aime24" \
               "AIME_2025/train.jsonl:val_aime25"; do
     if [ -f "$DATA_DIR/${pair%%:*}" ]; then
-      [ "$DRY" = false ] && prepare "$DATA_DIR/${pair%%:*}" "${pair##*:}"
+      prepare "$DATA_DIR/${pair%%:*}" "${pair##*:}"
       name=${pair##*:}; planned="$planned ${name#val_}=$PREPARED/$name.jsonl"
     else
       opsd_note "$DATA_DIR/${pair%%:*} not found: no ${pair##*:} validation set (upstream stops here)"
@@ -309,12 +309,10 @@ if [ "$TEST_FREQ" -gt 0 ] || [ "$VAL_BEFORE" = true ] || [ "$VAL_AT_END" = true 
   [ -n "$VAL_FILES" ] || opsd_die "TEST_FREQ=$TEST_FREQ / VAL_BEFORE_TRAIN=${VAL_BEFORE_TRAIN:-False} need validation files: \
 set VAL_FILES, or use upstream's raw DATA_DIR (MATH-500/, AIME_2024/, AIME_2025/)"
   read -r -a val_list <<< "$VAL_FILES"
-  if [ "$DRY" = false ] || [ -z "${planned:-}" ]; then  # a dry run of a raw DATA_DIR has not prepared them yet
-    for spec in "${val_list[@]}"; do
-      file=$spec; [[ "$spec" == *=* && ! -e "$spec" ]] && file=${spec#*=}
-      [ -e "$file" ] || opsd_die "VAL_FILES entry $spec: $file does not exist"
-    done
-  fi
+  for spec in "${val_list[@]}"; do
+    file=$spec; [[ "$spec" == *=* && ! -e "$spec" ]] && file=${spec#*=}
+    [ -e "$file" ] || opsd_die "VAL_FILES entry $spec: $file does not exist"
+  done
   val_args=(--val_files "${val_list[@]}" --test_freq "$TEST_FREQ" --val_before_train "$VAL_BEFORE"
             --val_n "${VAL_N:-16}" --val_temperature "$VAL_TEMPERATURE" --val_top_p "${VAL_TOP_P:-0.8}"
             --val_top_k "${VAL_TOP_K:-20}" --val_max_new_tokens "${VAL_MAX_NEW_TOKENS:-$MAX_RESPONSE_LENGTH}"
