@@ -80,7 +80,11 @@
 #   VAL_LIMIT                      [unset = all] first N problems of each validation file
 #   VAL_BATCH_SIZE                 [64] sequences per generate call
 # Saving and logging
-#   SAVE_FREQ                      [200, upstream: 20] checkpoint every N steps (SAVE_STEPS is the old name)
+#   SAVE_FREQ                      [200, upstream: 20] checkpoint every N steps (SAVE_STEPS is the old name);
+#                                  <= 0: no checkpoints (upstream then saves nothing; here the final model is saved)
+#   TEACHER_OFFLOAD                [0, upstream: always] 1 = keep the teacher on the CPU between its passes
+#                                  (--teacher_offload; one process or DDP); off because a GPU that holds both models
+#                                  only loses transfer time; opsd.plan / train_lora.sh turn it on when it must
 #   LOGGING_STEPS                  [1]
 #   REPORT_TO                      [none] none | tensorboard | trackio | wandb (comma-separated)
 #   PUSH_TO_HUB                    [0] 1 = push the final model (HUB_MODEL_ID names the repository)
@@ -363,6 +367,11 @@ TOP_K=${TOP_K:--1}
 opsd_int TOP_K "$TOP_K"
 [ "$TOP_K" -lt 0 ] && TOP_K=0  # upstream's -1 = off is TRL's 0
 SAVE=${SAVE_FREQ:-${SAVE_STEPS:-200}}
+opsd_int SAVE_FREQ "$SAVE"
+save_args=(--save_steps "$SAVE")
+# upstream: SAVE_FREQ <= 0 saves no checkpoint (not even at the end); here no checkpoint, the final model is saved
+[ "$SAVE" -gt 0 ] || save_args=(--save_strategy no)
+OFFLOAD=$(opsd_bool TEACHER_OFFLOAD "${TEACHER_OFFLOAD:-0}")
 MASTER_PORT=${MASTER_PORT:-$((29500 + RANDOM % 10500))}
 export MASTER_PORT
 if [ "$GPUS" -gt 0 ]; then
@@ -397,7 +406,8 @@ args=(
   --top_k "$TOP_K"
   --dtype "$DTYPE"
   --bf16 "$([ "$DTYPE" = bfloat16 ] && echo true || echo false)"
-  --save_steps "$SAVE"
+  "${save_args[@]}"
+  --teacher_offload "$OFFLOAD"
   --logging_steps "${LOGGING_STEPS:-1}"
   --seed "${SEED:-42}"
   --report_to "${REPORT_TO:-none}"
