@@ -20,7 +20,12 @@ OPSD_SCRIPT="$(basename "${BASH_SOURCE[1]:-$0}" .sh)"
 
 opsd_log() { echo "[$OPSD_SCRIPT] $*" >&2; }
 opsd_note() { echo "[$OPSD_SCRIPT] note: $*" >&2; }
-opsd_die() { echo "[$OPSD_SCRIPT] error: $*" >&2; exit 2; }
+opsd_die() {  # also from a command substitution ($(opsd_bool ...) inside [ ]): the script itself stops (USR1 trap)
+  echo "[$OPSD_SCRIPT] error: $*" >&2
+  [ "${BASHPID:-$$}" = "$$" ] || kill -USR1 "$$" 2>/dev/null
+  exit 2
+}
+trap 'exit 2' USR1
 
 opsd_header() {  # the header: every comment line after the shebang up to the first line that is not a comment
   awk 'NR == 1 && /^#!/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"

@@ -177,6 +177,7 @@ SCRIPT_CASES = [
     (dict(OPD_MAX_LENGTH="1000", MAX_PROMPT_LENGTH="1024", MAX_RESPONSE_LENGTH="1024"), "OPD_MAX_LENGTH"),
     (dict(DRY_RUN="maybe"), "DRY_RUN"),
     (dict(COLD_START="sure"), "COLD_START"),
+    (dict(PUSH_TO_HUB="perhaps"), "PUSH_TO_HUB"),  # a yes/no checked inside [ ... ] still stops the script
     (dict(RESUME="latest", OVERWRITE="true"), "OVERWRITE"),
     (dict(ENABLE_TOOLS="True", MAX_ASSISTANT_TURNS="50"), "MAX_ASSISTANT_TURNS"),
     (dict(TOOL_CONFIG_PATH="tools.yaml"), "TOOL_CONFIG_PATH"),
@@ -209,7 +210,8 @@ def test_python_side_mistakes_through_the_script(files, tmp_path, script, change
 
 def test_eval_script_mistakes(files, tmp_path):
     for change, variable in ((dict(MAX_PROMPT_LENGTH="-5"), "MAX_PROMPT_LENGTH"), (dict(VAL_N="0"), "VAL_N"),
-                             (dict(PRESET="qwen3"), "PRESET"), (dict(DATA_DIR=str(tmp_path)), "DATA_DIR")):
+                             (dict(PRESET="qwen3"), "PRESET"), (dict(DATA_DIR=str(tmp_path)), "DATA_DIR"),
+                             (dict(ENABLE_THINKING="maybe"), "ENABLE_THINKING")):
         result = _script("eval_math.sh", dict(MODEL_PATH=files["student"], DATA_FILES=files["data"], **change)
                          if variable != "DATA_DIR" else dict(MODEL_PATH=files["student"], **change), timeout=60)
         assert result.returncode == 2 and variable in result.stderr, (change, result.stderr[-2000:])
