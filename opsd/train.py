@@ -46,7 +46,8 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     overwrite: bool = field(default=False, metadata={"help": "Start afresh in an output_dir that holds checkpoints "
                                                      "of an earlier run: delete them first (OVERWRITE=1)."})
-    dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration and exit."})
+    dry_run: bool = field(default=False, metadata={"help": "Check everything checkable without loading a model "
+                                                   "(opsd.preflight), print the resolved configuration and exit."})
 
 
 def build_parser(extra: tuple = ()) -> TrlParser:
