@@ -6,7 +6,8 @@
 #     bash run_scripts/cold_start.sh [extra python -m opsd.cold_start flags]
 #   then: MODEL_PATH=$COLD_START_DIR TEACHER_MODEL_PATH=... bash run_scripts/train_opd.sh
 #
-# Variables, default in brackets (paths you set are relative to the directory you run the script from):
+# Variables, default in brackets (paths you set are relative to the directory you run the script from; on CPU,
+# OMP_NUM_THREADS defaults to the number of cores, said on stderr):
 #   MODEL_PATH                 the student model directory (required)
 #   TEACHER_MODEL_PATH         the teacher model directory (required)
 #   DATA_DIR                   [data]
@@ -66,4 +67,5 @@ args=(
 [ -n "${COLD_START_ARGS:-}" ] && args+=(${COLD_START_ARGS})
 args+=("$@")
 echo "[cold_start] $PY -m opsd.cold_start ${args[*]}"
+if [ "$(opsd_gpu_count)" -eq 0 ]; then opsd_cpu_threads 1; fi
 "$PY" -m opsd.cold_start "${args[@]}"
