@@ -7,7 +7,7 @@
 #   then: MODEL_PATH=$COLD_START_DIR TEACHER_MODEL_PATH=... bash run_scripts/train_opd.sh
 #
 # Variables, default in brackets (paths you set are relative to the directory you run the script from; on CPU,
-# OMP_NUM_THREADS defaults to the number of cores, said on stderr):
+# OMP_NUM_THREADS defaults to the idle cores (cores - load average, >= 1), said on stderr):
 #   MODEL_PATH                 the student model directory (required)
 #   TEACHER_MODEL_PATH         the teacher model directory (required)
 #   DATA_DIR                   [data]

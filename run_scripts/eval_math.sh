@@ -44,7 +44,7 @@
 #   PRESET               [unset = upstream's eval] paper = the papers' protocol above; upstream = the defaults
 #   PYTHON_BIN           [$VENV/bin/python, else python3]
 #   VENV                 [.venv]
-#   OMP_NUM_THREADS      [CPU: the number of cores, noted] torch threads
+#   OMP_NUM_THREADS      [CPU: idle cores (cores - load average), >= 1, noted] torch threads
 #   TRAIN_BATCH_SIZE, PPO_MINI_BATCH_SIZE, PPO_MICRO_BATCH_SIZE_PER_GPU, LOG_PROB_MICRO_BATCH_SIZE_PER_GPU,
 #   ROLLOUT_N, MASTER_PORT: upstream's eval passes them to its 0-epoch trainer; here they have no effect (noted)
 set -euo pipefail

@@ -91,7 +91,8 @@ opsd_has_module() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib
 #   opsd_abspath VAR...      make each set, relative VAR absolute against the directory the user ran the script from
 #                            (OPSD_CALLER_DIR); scripts `cd` to the repository root, defaults stay repository-relative
 #   opsd_abspath_list VAR    the same for a space-separated [NAME=]FILE list
-#   opsd_cpu_threads N       CPU runs: OMP_NUM_THREADS/MKL_NUM_THREADS = cores / N processes (>= 1) when unset, noted
+#   opsd_cpu_threads N       CPU runs: OMP_NUM_THREADS/MKL_NUM_THREADS = idle cores (cores - load) / N processes
+#                            (>= 1) when unset, noted
 #   opsd_flag_value FLAG ARGS...  print the last value given to --FLAG (as "--FLAG V" or "--FLAG=V") in ARGS
 #   opsd_refuse_agent_vars   error naming upstream's agent-script variables (train_opd_agent.sh) that are set
 # Sets OPSD_CALLER_DIR (exported, so nested scripts keep the user's directory).
@@ -118,13 +119,18 @@ opsd_abspath_list() {
 }
 
 opsd_cpu_threads() {
-  local procs=${1:-1} cores
+  # idle cores (cores minus the 1-minute load average) / processes, at least 1: torch's default of one thread per
+  # core stalls when other work holds the cores (issue 17: a teacher generation batch took 353 s with the default
+  # threads on a busy 2-core machine, 47 s with one thread)
+  local procs=${1:-1} cores load idle
   if [ -n "${OMP_NUM_THREADS:-}" ]; then return 0; fi
   cores=$(nproc 2>/dev/null || echo 1)
-  OMP_NUM_THREADS=$(( cores / procs > 0 ? cores / procs : 1 ))
+  load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0); load=${load%%.*}
+  idle=$(( cores - ${load:-0} ))
+  OMP_NUM_THREADS=$(( idle / procs > 0 ? idle / procs : 1 ))
   export OMP_NUM_THREADS MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
-  opsd_note "CPU run: OMP_NUM_THREADS=$OMP_NUM_THREADS torch threads per process ($cores cores / $procs process(es)); \
-set OMP_NUM_THREADS to choose (torch's default oversubscribes a busy CPU)"
+  opsd_note "CPU run: OMP_NUM_THREADS=$OMP_NUM_THREADS torch threads per process ($cores cores, load ${load:-0}, \
+$procs process(es)); set OMP_NUM_THREADS to choose"
 }
 
 opsd_flag_value() {

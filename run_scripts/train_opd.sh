@@ -100,7 +100,8 @@
 #                                  per node; >1 launches through accelerate (GPU) or torch.distributed.run (CPU),
 #                                  with the interpreter resolved below
 #   PYTORCH_ALLOC_CONF             [expandable_segments:True on GPUs, as upstream] torch's CUDA allocator settings
-#   OMP_NUM_THREADS                [CPU: cores / NPROC, noted] torch threads per process
+#   OMP_NUM_THREADS                [CPU: idle cores (cores - load average) / NPROC, >= 1, noted] torch threads
+#                                  per process
 #   ACCELERATE_CONFIG              [unset] run_scripts/accelerate/*.yaml
 #   MASTER_PORT                    [random in 29500-39999] rendezvous port of multi-process runs
 #   DTYPE                          [bfloat16 on GPU, float32 otherwise]

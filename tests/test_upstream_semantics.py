@@ -110,10 +110,15 @@ def test_cpu_threads_per_process_are_set_and_said(pair_files, tmp_path):
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     result = subprocess.run(["bash", "run_scripts/train_opd.sh"], cwd=ROOT, capture_output=True, text=True,
                             timeout=180, env={**clean, "PYTHON_BIN": sys.executable, **env})
-    cores = os.cpu_count()
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"OMP_NUM_THREADS={max(cores, 1)} torch threads per process ({cores} cores / 1 process(es))" \
-        in result.stderr
+    import re
+
+    said = re.search(r"OMP_NUM_THREADS=(\d+) torch threads per process \((\d+) cores, load (\d+), 1 process\(es\)\)",
+                     result.stderr)
+    assert said, result.stderr[-2000:]
+    threads, cores, load = map(int, said.groups())
+    assert cores == len(os.sched_getaffinity(0)) or cores == os.cpu_count()
+    assert threads == max(1, cores - load)  # the idle cores, at least one
     kept = run("train_opd.sh", dict(env, OMP_NUM_THREADS="1"), keep_omp=True)
     assert "OMP_NUM_THREADS=" not in kept.stderr
 
