@@ -347,12 +347,19 @@ def evaluate(model, tokenizer, dataset, k: int = 16, temperature: float = 1.0, t
              reward_fn: Callable[[str, str], float] | None = None, *, top_k: int = 0,
              chat_template_kwargs: dict | None = None, max_prompt_length: int | None = None,
              max_completion_chars: int | None = None, progress: bool = True, desc: str = "eval",
-             lora_request=None) -> dict:
+             lora_request=None, filter_overlong_prompts: bool = False) -> dict:
     """Sample ``k`` completions per problem of ``dataset`` (``prompt``, ``answer``, optional ``id``), score them
     with ``reward_fn(completion_text, answer)`` (default: opsd.reward.math_reward) and return
     ``{"metrics": {...}, "records": [...]}`` (see the module docstring). ``model`` is a transformers causal LM, or a
     ``vllm.LLM`` (then ``batch_size`` is unused and ``lora_request`` may name an adapter).
-    ``max_completion_chars`` cuts the stored completion texts (None: full text, 0: no texts stored)."""
+    ``max_completion_chars`` cuts the stored completion texts (None: full text, 0: no texts stored).
+    ``filter_overlong_prompts`` drops the problems whose prompt is longer than ``max_prompt_length`` (upstream's
+    verl ``filter_overlong_prompts``) instead of keeping their last tokens; ``metrics["filtered_prompts"]`` counts
+    them."""
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1 token (MAX_PROMPT_LENGTH), got {max_prompt_length}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 token (MAX_RESPONSE_LENGTH), got {max_new_tokens}.")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     if batch_size < 1:
@@ -366,7 +373,16 @@ def evaluate(model, tokenizer, dataset, k: int = 16, temperature: float = 1.0, t
     prompts = list(dataset["prompt"])
     answers = list(dataset["answer"]) if "answer" in dataset.column_names else [None] * len(prompts)
     ids = list(dataset["id"]) if "id" in dataset.column_names else [str(i) for i in range(len(prompts))]
-    prompt_ids = tokenize_prompts(tokenizer, prompts, chat_template_kwargs, max_prompt_length)
+    prompt_ids = tokenize_prompts(tokenizer, prompts, chat_template_kwargs,
+                                  None if filter_overlong_prompts else max_prompt_length)
+    filtered = 0
+    if filter_overlong_prompts and max_prompt_length is not None:
+        keep = [i for i, p in enumerate(prompt_ids) if len(p) <= max_prompt_length]
+        filtered = len(prompts) - len(keep)
+        if not keep:
+            raise ValueError(f"every prompt of {desc} is longer than max_prompt_length ({max_prompt_length} tokens, "
+                             "MAX_PROMPT_LENGTH) and was filtered out; raise it.")
+        prompts, answers, ids, prompt_ids = ([seq[i] for i in keep] for seq in (prompts, answers, ids, prompt_ids))
 
     start = time.time()
     if _is_vllm(model):
@@ -388,6 +404,7 @@ def evaluate(model, tokenizer, dataset, k: int = 16, temperature: float = 1.0, t
             "lengths": [len(c) for c, _ in outs], "truncated": [bool(t) for _, t in outs],
         })
     metrics = summarize_records(records, k)
+    metrics["filtered_prompts"] = filtered
     metrics["generation_seconds"] = generation_s
     metrics["scoring_seconds"] = time.time() - start - generation_s
     return {"metrics": metrics, "records": records}
@@ -422,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="Sequences per generate call (HF backend).")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     p.add_argument("--reward", default="math", help="Reward function name (opsd.reward.REWARD_FUNCTIONS).")
+    p.add_argument("--filter_overlong_prompts", action="store_true",
+                   help="Drop problems whose prompt is longer than --max_prompt_length (upstream's eval) instead of "
+                   "keeping their last tokens; the count is reported as filtered_prompts.")
     p.add_argument("--enable_thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="Pass enable_thinking=True/False to the chat template (Qwen3-style); unset: not passed.")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="Generation backend.")
@@ -505,6 +525,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model, "base_model": args.base_model, "adapter": _is_adapter(args.model), "k": args.k,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
         "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
+        "filter_overlong_prompts": args.filter_overlong_prompts,
         "batch_size": args.batch_size, "seed": args.seed, "reward": args.reward,
         "enable_thinking": args.enable_thinking, "backend": args.backend, "dtype": dtype, "limit": args.limit,
         "data": {name: path for name, path in benchmarks},
@@ -517,7 +538,8 @@ def run(args: argparse.Namespace) -> dict:
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                        reward_fn=reward_fn, top_k=args.top_k, chat_template_kwargs=chat_kwargs,
                        max_prompt_length=args.max_prompt_length, max_completion_chars=args.max_completion_chars,
-                       progress=not args.no_progress, desc=name, lora_request=lora_request)
+                       progress=not args.no_progress, desc=name, lora_request=lora_request,
+                       filter_overlong_prompts=args.filter_overlong_prompts)
         _write_json(os.path.join(output_dir, f"eval_{name}.json"),
                     {"benchmark": name, "data_file": path, "settings": settings, "metrics": out["metrics"],
                      "records": out["records"]})
@@ -530,9 +552,29 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The user errors checkable before a model loads (ValueError naming the flag and the run-script variable)."""
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise ValueError(f"--max_prompt_length (MAX_PROMPT_LENGTH) must be >= 1 token, got {args.max_prompt_length}.")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens (MAX_RESPONSE_LENGTH / MAX_NEW_TOKENS) must be >= 1 token, got "
+                         f"{args.max_new_tokens}.")
+    if args.k < 1:
+        raise ValueError(f"--k (VAL_N / K) must be >= 1, got {args.k}.")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top_p (VAL_TOP_P) must be in (0, 1], got {args.top_p}.")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature (VAL_TEMPERATURE) must be >= 0 (0 = greedy), got {args.temperature}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size (BATCH_SIZE) must be >= 1, got {args.batch_size}.")
+    if args.filter_overlong_prompts and args.max_prompt_length is None:
+        raise ValueError("--filter_overlong_prompts needs --max_prompt_length (MAX_PROMPT_LENGTH).")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         run(args)
     except (FileNotFoundError, ValueError, BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -275,7 +275,7 @@ class PlanInputs:
     response_length: int = 8192
     micro_batch: int = 1
     rollout_batch: int = 16
-    rollout_n: int = 16
+    rollout_n: int = 1  # the run scripts' ROLLOUT_N default (the papers use 16: --rollout_n 16)
     lora: bool = True
     lora_rank: int = 64
     lora_targets: tuple[str, ...] | str = "all-linear"
@@ -741,7 +741,8 @@ def main(argv: list[str] | None = None) -> dict:
         plan = plan_from_args(args)
         est = estimate(plan)
     except ValueError as err:
-        raise SystemExit(f"opsd.plan: {err}") from None
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     result: dict = {"plan": plan.to_dict(), "estimate": est.to_dict()}
     text = [format_table(plan, est)]
     if args.recommend or not est.fits:

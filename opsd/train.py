@@ -6,6 +6,10 @@ and `ValidationArguments` (in-training validation, opsd.validation) is a flag an
 resolved configuration and exits. `tip_ext.train` reuses `main` with its selector arguments (this module never
 imports tip_ext).
 
+User errors (a bad flag value, a missing or incompatible model directory, unusable data, a batch larger than the
+data, ...) are one `error: ...` line naming the flag and its run-script variable, exit status 2, before any model is
+loaded; `--dry_run` runs the same checks (opsd.preflight).
+
 Run safety: an output_dir that holds checkpoints is refused unless `--resume_from_checkpoint latest` (resume) or
 `--overwrite true` (delete them and start afresh); `latest` resumes from the newest *complete* checkpoint (one whose
 trainer_state.json, the file transformers writes last, is readable), so a kill during a save falls back to the one
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .core.config import OPDConfig
+from .preflight import UserError, name_variables, preflight
 from .validation import ValidationArguments
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -41,7 +46,8 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     overwrite: bool = field(default=False, metadata={"help": "Start afresh in an output_dir that holds checkpoints "
                                                      "of an earlier run: delete them first (OVERWRITE=1)."})
-    dry_run: bool = field(default=False, metadata={"help": "Print the resolved configuration and exit."})
+    dry_run: bool = field(default=False, metadata={"help": "Check everything checkable without loading a model "
+                                                   "(opsd.preflight), print the resolved configuration and exit."})
 
 
 def build_parser(extra: tuple = ()) -> TrlParser:
@@ -136,8 +142,8 @@ def resolve_resume(train_args: OPDConfig, overwrite: bool):
         resume = None
     if resume is None:
         if old and not overwrite:
-            raise SystemExit(
-                f"error: {output_dir} holds checkpoints of an earlier run ({os.path.basename(old[-1])} is the newest). "
+            raise UserError(
+                f"{output_dir} holds checkpoints of an earlier run ({os.path.basename(old[-1])} is the newest). "
                 "Resume it with RESUME=latest (--resume_from_checkpoint latest), or start afresh with OVERWRITE=1 "
                 "(--overwrite true, deletes those checkpoints), or pick another OUTPUT_DIR / RUN_ID.")
         if overwrite:
@@ -149,17 +155,20 @@ def resolve_resume(train_args: OPDConfig, overwrite: bool):
                 if os.path.exists(os.path.join(output_dir, name)):
                     os.remove(os.path.join(output_dir, name))
         return None
+    if overwrite:
+        raise UserError(f"--resume_from_checkpoint {resume} (RESUME) and --overwrite true (OVERWRITE) contradict each "
+                        "other (continue the run, or delete its checkpoints and start afresh): set only one.")
     if isinstance(resume, str) and resume.lower() in ("true", "latest", "1", "yes"):
         summary = finished_run(output_dir, train_args.max_steps)
         if summary is not None:
             return "finished"
         path = latest_complete_checkpoint(output_dir)
         if path is None:
-            raise SystemExit(f"error: RESUME=latest but {output_dir} holds no complete checkpoint to resume from; "
+            raise UserError(f"RESUME=latest but {output_dir} holds no complete checkpoint to resume from; "
                              "unset RESUME to start a new run there.")
         return path
     if not os.path.isdir(str(resume)):
-        raise SystemExit(f"error: --resume_from_checkpoint {resume}: no such checkpoint directory.")
+        raise UserError(f"--resume_from_checkpoint {resume} (RESUME): no such checkpoint directory.")
     return resume
 
 
@@ -192,24 +201,53 @@ def model_card_section(config: dict) -> str:
     return "\n".join(lines)
 
 
+def name_of(reward_function) -> str:
+    return str(reward_function or "math").strip().lower()
+
+
 def _check_vllm(train_args: OPDConfig) -> None:
     import importlib.util
 
     if train_args.use_vllm and importlib.util.find_spec("vllm") is None:
-        raise SystemExit("error: --use_vllm true (USE_VLLM=1) but vLLM is not installed for this interpreter; "
+        raise UserError("--use_vllm true (USE_VLLM=1) but vLLM is not installed for this interpreter; "
                          "pip install -r requirements-gpu.txt, or USE_VLLM=0 for transformers generation.")
     if train_args.use_vllm and train_args.vllm_mode not in ("colocate", "server"):
-        raise SystemExit(f"error: --vllm_mode (VLLM_MODE) must be colocate or server, got {train_args.vllm_mode!r}.")
+        raise UserError(f"--vllm_mode (VLLM_MODE) must be colocate or server, got {train_args.vllm_mode!r}.")
 
 
 def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callable | None = None,
          prog: str = "python -m opsd.train") -> dict:
-    """Parse, build the trainer, train, save. `make_selector(extra_args, train_args)` returns a TokenSelector."""
+    """Parse, check, build the trainer, train, save. `make_selector(extra_args, train_args)` returns a
+    TokenSelector. A user error prints one `error: ...` line and raises UserError (SystemExit, status 2)."""
+    try:
+        return _main(argv, extra, make_selector, prog)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise
+
+
+def parse(argv, extra: tuple = (), prog: str = "python -m opsd.train"):
+    """The parsed dataclasses; a value a config rejects becomes a UserError naming the flag and its variable."""
     parser = build_parser(extra)
     parser.prog = prog
-    data_args, model_args, train_args, val_args, *extra_args = parser.parse_args_and_config(args=argv)
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as err:
+        raise UserError(name_variables(str(err))) from None
+
+
+def _main(argv, extra, make_selector, prog) -> dict:
+    data_args, model_args, train_args, val_args, *extra_args = parse(argv, extra, prog)
     config = resolved_config(data_args, model_args, train_args, val_args, *extra_args)
     _check_vllm(train_args)
+    if data_args.overwrite and train_args.resume_from_checkpoint not in (None, "", False) and str(
+            train_args.resume_from_checkpoint).lower() not in ("false", "none", "no", "0"):
+        raise UserError(f"--resume_from_checkpoint {train_args.resume_from_checkpoint} (RESUME) and --overwrite true "
+                        "(OVERWRITE) contradict each other (continue the run, or delete its checkpoints and start "
+                        "afresh): set only one.")
+    if name_of(train_args.reward_function) == "none" and (val_args.enabled or (train_args.reward_beta or 0) > 0):
+        raise UserError("--reward_function none (REWARD_FUNCTION), but validation and reward weighting need a reward.")
+    preflight(data_args, model_args, train_args, val_args)
     if data_args.dry_run:
         print(json.dumps(config, indent=2, sort_keys=True))
         return {"config": config}
@@ -223,8 +261,6 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
     from .data import load_prompt_dataset
     from .core.trainer import OPDTrainer
 
-    if data_args.train_file is None:
-        raise SystemExit("--train_file is required: a local .jsonl/.parquet prompt file (see README, Data).")
     train_dataset = load_prompt_dataset(data_args.train_file, prompt_column=data_args.prompt_column,
                                         limit=data_args.max_train_samples)
     eval_dataset = (load_prompt_dataset(data_args.eval_file, prompt_column=data_args.prompt_column)
@@ -236,8 +272,6 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
     # rollout accuracy is logged whenever the prompts have answers (every rollout is scored, as upstream's
     # opd/accuracy; --reward_function none turns that off); weighting and validation use the same reward
     name = train_args.reward_function or "math"
-    if name.lower() == "none" and (val_args.enabled or (train_args.reward_beta or 0) > 0):
-        raise SystemExit("error: --reward_function none, but validation and reward weighting need a reward.")
     reward_fn = (get_reward_fn(name) if name.lower() != "none"
                  and ("answer" in train_dataset.column_names or val_args.enabled) else None)
     init = dict(train_args.teacher_model_init_kwargs or {})

@@ -35,6 +35,9 @@ class ValidationArguments:
                                                 "(upstream's TEST_FREQ); 0 = off."})
     val_before_train: bool = field(default=False, metadata={"help": "Validate once before the first step "
                                                             "(upstream's VAL_BEFORE_TRAIN)."})
+    val_at_end: bool = field(default=False, metadata={"help": "Validate at the last step also when test_freq is 0 "
+                                                      "(upstream validates at the last step whatever TEST_FREQ says; "
+                                                      "the run scripts pass it when validation files exist)."})
     val_n: int = field(default=16, metadata={"help": "Samples per validation problem (mean@n, pass@j for j <= n)."})
     val_temperature: float = field(default=0.7, metadata={"help": "Validation sampling temperature (0 = greedy)."})
     val_top_p: float = field(default=0.8, metadata={"help": "Validation nucleus threshold (1.0 = off)."})
@@ -64,7 +67,7 @@ class ValidationArguments:
 
     @property
     def enabled(self) -> bool:
-        return self.test_freq > 0 or self.val_before_train
+        return self.test_freq > 0 or self.val_before_train or self.val_at_end
 
 
 class ValidationCallback(TrainerCallback):
@@ -127,7 +130,8 @@ class ValidationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         last = state.max_steps > 0 and step >= state.max_steps
-        if self.args.test_freq > 0 and (step % self.args.test_freq == 0 or last):
+        periodic = self.args.test_freq > 0 and step % self.args.test_freq == 0
+        if periodic or (last and (self.args.test_freq > 0 or self.args.val_at_end)):
             # into the step's training metrics: OPDTrainer.log averages _metrics["train"] into the next log line
             for key, value in self.validate(step).items():
                 self.trainer._metrics["train"][key].append(value)

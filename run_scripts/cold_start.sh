@@ -6,7 +6,8 @@
 #     bash run_scripts/cold_start.sh [extra python -m opsd.cold_start flags]
 #   then: MODEL_PATH=$COLD_START_DIR TEACHER_MODEL_PATH=... bash run_scripts/train_opd.sh
 #
-# Variables, default in brackets:
+# Variables, default in brackets (paths you set are relative to the directory you run the script from; on CPU,
+# OMP_NUM_THREADS defaults to the idle cores (cores - load average, >= 1), said on stderr):
 #   MODEL_PATH                 the student model directory (required)
 #   TEACHER_MODEL_PATH         the teacher model directory (required)
 #   DATA_DIR                   [data]
@@ -31,6 +32,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 opsd_help "${BASH_SOURCE[0]}" "$@"
+opsd_abspath MODEL_PATH TEACHER_MODEL_PATH DATA_DIR TRAIN_FILE COLD_START_FILE COLD_START_DIR VENV
 cd "$OPSD_ROOT"
 opsd_python
 PY=$PYTHON
@@ -57,12 +59,13 @@ args=(
   --seed "${SEED:-42}"
 )
 [ -n "${COLD_START_LIMIT:-}" ] && args+=(--limit "$COLD_START_LIMIT")
-[ "${COLD_START_FILTER:-0}" = 1 ] && args+=(--filter_reward --reward_function "${REWARD_FUNCTION:-math}")
-[ "${COLD_START_LORA:-0}" = 1 ] && args+=(--lora)
+[ "$(opsd_bool COLD_START_FILTER "${COLD_START_FILTER:-0}")" = true ] && args+=(--filter_reward --reward_function "${REWARD_FUNCTION:-math}")
+[ "$(opsd_bool COLD_START_LORA "${COLD_START_LORA:-0}")" = true ] && args+=(--lora)
 [ -n "${ENABLE_THINKING:-}" ] && args+=(--enable_thinking "$ENABLE_THINKING")
 [ -n "${DTYPE:-}" ] && args+=(--dtype "$DTYPE")
 # shellcheck disable=SC2206
 [ -n "${COLD_START_ARGS:-}" ] && args+=(${COLD_START_ARGS})
 args+=("$@")
 echo "[cold_start] $PY -m opsd.cold_start ${args[*]}"
+if [ "$(opsd_gpu_count)" -eq 0 ]; then opsd_cpu_threads 1; fi
 "$PY" -m opsd.cold_start "${args[@]}"

@@ -18,6 +18,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 opsd_help "${BASH_SOURCE[0]}" "$@"
+opsd_abspath OUT VENV
 cd "$OPSD_ROOT"
 opsd_python
 PY=$PYTHON

@@ -20,7 +20,12 @@ OPSD_SCRIPT="$(basename "${BASH_SOURCE[1]:-$0}" .sh)"
 
 opsd_log() { echo "[$OPSD_SCRIPT] $*" >&2; }
 opsd_note() { echo "[$OPSD_SCRIPT] note: $*" >&2; }
-opsd_die() { echo "[$OPSD_SCRIPT] error: $*" >&2; exit 2; }
+opsd_die() {  # also from a command substitution ($(opsd_bool ...) inside [ ]): the script itself stops (USR1 trap)
+  echo "[$OPSD_SCRIPT] error: $*" >&2
+  [ "${BASHPID:-$$}" = "$$" ] || kill -USR1 "$$" 2>/dev/null
+  exit 2
+}
+trap 'exit 2' USR1
 
 opsd_header() {  # the header: every comment line after the shebang up to the first line that is not a comment
   awk 'NR == 1 && /^#!/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
@@ -81,3 +86,72 @@ opsd_int() {
 }
 
 opsd_has_module() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+
+# ----- upstream semantics helpers (kept apart from the functions above so that merges stay easy) -----------------
+#   opsd_abspath VAR...      make each set, relative VAR absolute against the directory the user ran the script from
+#                            (OPSD_CALLER_DIR); scripts `cd` to the repository root, defaults stay repository-relative
+#   opsd_abspath_list VAR    the same for a space-separated [NAME=]FILE list
+#   opsd_cpu_threads N       CPU runs: OMP_NUM_THREADS/MKL_NUM_THREADS = idle cores (cores - load) / N processes
+#                            (>= 1) when unset, noted
+#   opsd_flag_value FLAG ARGS...  print the last value given to --FLAG (as "--FLAG V" or "--FLAG=V") in ARGS
+#   opsd_refuse_agent_vars   error naming upstream's agent-script variables (train_opd_agent.sh) that are set
+# Sets OPSD_CALLER_DIR (exported, so nested scripts keep the user's directory).
+export OPSD_CALLER_DIR=${OPSD_CALLER_DIR:-$PWD}
+
+opsd_abspath() {
+  local var value
+  for var in "$@"; do
+    value=${!var:-}
+    case "$value" in ""|/*) ;; *) printf -v "$var" '%s' "$OPSD_CALLER_DIR/$value" ;; esac
+  done
+}
+
+opsd_abspath_list() {
+  local var=$1 spec out="" name file
+  for spec in ${!var:-}; do
+    name=""; file=$spec
+    if [[ "$spec" == *=* && ! -e "$OPSD_CALLER_DIR/$spec" && ! -e "$spec" ]]; then name="${spec%%=*}="; file=${spec#*=}; fi
+    case "$file" in /*) ;; *) file="$OPSD_CALLER_DIR/$file" ;; esac
+    out="$out $name$file"
+  done
+  [ -n "${!var:-}" ] && printf -v "$var" '%s' "${out# }"
+  return 0
+}
+
+opsd_cpu_threads() {
+  # idle cores (cores minus the 1-minute load average) / processes, at least 1: torch's default of one thread per
+  # core stalls when other work holds the cores (issue 17: a teacher generation batch took 353 s with the default
+  # threads on a busy 2-core machine, 47 s with one thread)
+  local procs=${1:-1} cores load idle
+  if [ -n "${OMP_NUM_THREADS:-}" ]; then return 0; fi
+  cores=$(nproc 2>/dev/null || echo 1)
+  load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0); load=${load%%.*}
+  idle=$(( cores - ${load:-0} ))
+  OMP_NUM_THREADS=$(( idle / procs > 0 ? idle / procs : 1 ))
+  export OMP_NUM_THREADS MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+  opsd_note "CPU run: OMP_NUM_THREADS=$OMP_NUM_THREADS torch threads per process ($cores cores, load ${load:-0}, \
+$procs process(es)); set OMP_NUM_THREADS to choose"
+}
+
+opsd_flag_value() {
+  local flag=$1 found="" take=0 arg; shift
+  for arg in "$@"; do
+    if [ "$take" = 1 ]; then found=$arg; take=0; continue; fi
+    case "$arg" in "--$flag") take=1 ;; "--$flag="*) found=${arg#*=} ;; esac
+  done
+  printf '%s' "$found"
+}
+
+OPSD_AGENT_VARS="ENABLE_TOOLS MAX_ASSISTANT_TURNS MAX_TOOL_RESPONSE_LENGTH TOOL_FORMAT AGENT_NUM_WORKERS DATABASE_DIR \
+TOOL_CONFIG_PATH REWARD_FN_PATH TRAIN_RATIO"
+opsd_refuse_agent_vars() {
+  local v set=""
+  for v in $OPSD_AGENT_VARS; do
+    [ -n "${!v:-}" ] || continue
+    if [ "$v" = ENABLE_TOOLS ] && [ "$(opsd_bool ENABLE_TOOLS "$ENABLE_TOOLS")" = false ]; then continue; fi
+    set="$set $v"
+  done
+  [ -z "$set" ] || opsd_die "${set# } set: upstream's agent script (train_opd_agent.sh: multi-turn tool rollouts, \
+its own data and reward) is not supported by the run scripts; unset them (tool masks exist in the Python API: \
+OPDTrainer with a tool_mask in the batch; a custom reward through opsd.reward)"
+}

@@ -4,7 +4,7 @@
 #   INPUT=data/raw/dapo-math-17k.parquet OUTPUT_DIR=data/dapo bash run_scripts/prepare_data.sh
 #   INPUT=data/raw/math500.jsonl OUTPUT_DIR=data/math500 SPLIT_NAME=test bash run_scripts/prepare_data.sh
 #
-# Variables, default in brackets:
+# Variables, default in brackets (paths you set are relative to the directory you run the script from):
 #   INPUT          local .jsonl / .json / .parquet file (required)
 #   OUTPUT_DIR     output directory (required)
 #   LAYOUT         [auto] auto | dapo | math500 | aime24 | aime25 | generic
@@ -21,6 +21,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 opsd_help "${BASH_SOURCE[0]}" "$@"
+opsd_abspath INPUT OUTPUT_DIR VENV
 cd "$OPSD_ROOT"
 opsd_python
 

@@ -7,7 +7,11 @@
 #   bash run_scripts/train_opd.sh --help
 #
 # Variables, default in brackets; "upstream: X" marks a default that differs from upstream's script (README,
-# "Run-script variables", says why). Every upstream variable is honoured, or refused / noted on stderr.
+# "Run-script variables", says why). Every upstream variable is honoured, or refused / noted on stderr. Paths you
+# set are relative to the directory you run the script from; the defaults are relative to the repository. Yes/no
+# variables take 1/true/yes/on or 0/false/no/off (any case). Upstream's agent-script variables (ENABLE_TOOLS=true,
+# MAX_ASSISTANT_TURNS, MAX_TOOL_RESPONSE_LENGTH, TOOL_FORMAT, AGENT_NUM_WORKERS, DATABASE_DIR, TOOL_CONFIG_PATH,
+# REWARD_FN_PATH, TRAIN_RATIO) are refused by name: multi-turn tool rollouts are not supported here.
 # Models
 #   MODEL_PATH                     student model directory (required)
 #   TEACHER_MODEL_PATH             teacher model directory (required)
@@ -28,6 +32,7 @@
 #   OUTPUT_DIR                     [$OUTPUT_ROOT/$EXP_NAME] the run directory itself
 #   RESUME                         [unset] latest (newest complete checkpoint) or a checkpoint directory
 #   OVERWRITE                      [0] 1 = delete the checkpoints of an earlier run in OUTPUT_DIR and start afresh
+#                                  (with RESUME set: refused, the two contradict each other)
 # Batch and optimization
 #   TRAIN_BATCH_SIZE               [16, upstream: 256] prompts per optimizer step (each with ROLLOUT_N completions)
 #   ROLLOUT_N                      [1] completions per prompt
@@ -39,9 +44,11 @@
 #   WEIGHT_DECAY                   [0.1] upstream's AdamW weight decay
 #   TOTAL_EPOCHS                   [1, upstream: 15]
 #   MAX_STEPS                      [-1 = TOTAL_EPOCHS]
-#   MAX_PROMPT_LENGTH              [1024, upstream: 2048] longer prompts are cut from the left
-#   MAX_RESPONSE_LENGTH            [1024, upstream: 8192]
-#   OPD_MAX_LENGTH                 [unset] cap of prompt+response: shortens MAX_PROMPT_LENGTH to fit
+#   MAX_PROMPT_LENGTH              [1024, upstream: 2048] longer prompts are cut from the left (>= 1)
+#   MAX_RESPONSE_LENGTH            [1024, upstream: 8192] (>= 1)
+#   OPD_MAX_LENGTH                 [unset, upstream: 16384] upstream caps prompt+response in the loss's forward
+#                                  passes only; accepted when MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH fits under it
+#                                  (then it changes nothing, as upstream), refused with the reason when it does not
 #   SEED                           [42]
 # Loss
 #   OPD_LOSS_TYPE                  [reverse_kl] reverse_kl | forward_kl | jsd
@@ -52,14 +59,18 @@
 #   OPD_REWARD_WEIGHTING           [global] global | upstream (upstream's per-micro-batch objective)
 #   REWARD_FUNCTION                [math] math | math_dapo (upstream names math_reward / math_dapo accepted)
 # Sampling of the training rollouts
-#   TEMPERATURE                    [1.0]
+#   TEMPERATURE                    [1.0] sampling of the rollouts only, as upstream (0 = greedy): the loss and its
+#                                  statistics use the raw logits (--temperature_in_loss false; python -m opsd.train's
+#                                  default, TRL's convention, divides the logits by it)
 #   TOP_P                          [1.0]
 #   TOP_K                          [-1 = off]
 #   ENABLE_THINKING                [True] upstream: names the run and picks VAL_TEMPERATURE; for Qwen models the
 #                                  chat template gets enable_thinking=False whatever it says, as upstream does
 #   FORCE_ENABLE_THINKING          [0] 1 = pass enable_thinking=True to the chat template (turns thinking on)
 # In-training validation (opsd.validation)
-#   TEST_FREQ                      [0 = off, upstream: 5] validate every N steps and at the last step
+#   TEST_FREQ                      [0, upstream: 5] validate every N steps (0 or less: no periodic validation)
+#   VAL_AT_END                     [1] validate at the last step whenever validation files exist, as upstream does
+#                                  whatever TEST_FREQ says; 0 = not (no validation files: no validation, noted)
 #   VAL_BEFORE_TRAIN               [False] validate once before the first step
 #   VAL_N                          [16] samples per validation problem (mean@n, pass@j)
 #   VAL_TEMPERATURE                [0.6 when ENABLE_THINKING is True, else 0.7] (upstream's rule)
@@ -69,7 +80,11 @@
 #   VAL_LIMIT                      [unset = all] first N problems of each validation file
 #   VAL_BATCH_SIZE                 [64] sequences per generate call
 # Saving and logging
-#   SAVE_FREQ                      [200, upstream: 20] checkpoint every N steps (SAVE_STEPS is the old name)
+#   SAVE_FREQ                      [200, upstream: 20] checkpoint every N steps (SAVE_STEPS is the old name);
+#                                  <= 0: no checkpoints (upstream then saves nothing; here the final model is saved)
+#   TEACHER_OFFLOAD                [0, upstream: always] 1 = keep the teacher on the CPU between its passes
+#                                  (--teacher_offload; one process or DDP); off because a GPU that holds both models
+#                                  only loses transfer time; opsd.plan / train_lora.sh turn it on when it must
 #   LOGGING_STEPS                  [1]
 #   REPORT_TO                      [none] none | tensorboard | trackio | wandb (comma-separated)
 #   PUSH_TO_HUB                    [0] 1 = push the final model (HUB_MODEL_ID names the repository)
@@ -81,8 +96,12 @@
 #   TP_SIZE                        [1] vLLM tensor-parallel size (needs USE_VLLM)
 #   GPU_MEMORY_UTIL                [0.3, upstream: 0.7] vLLM colocate memory share (needs USE_VLLM)
 # Processes and runtime
-#   NPROC                          [1] processes (GPUs) per node; >1 launches through accelerate (GPU) or
-#                                  torch.distributed.run (CPU), with the interpreter resolved below
+#   NPROC                          [every GPU nvidia-smi lists (noted), as upstream; 1 without a GPU] processes
+#                                  per node; >1 launches through accelerate (GPU) or torch.distributed.run (CPU),
+#                                  with the interpreter resolved below
+#   PYTORCH_ALLOC_CONF             [expandable_segments:True on GPUs, as upstream] torch's CUDA allocator settings
+#   OMP_NUM_THREADS                [CPU: idle cores (cores - load average) / NPROC, >= 1, noted] torch threads
+#                                  per process
 #   ACCELERATE_CONFIG              [unset] run_scripts/accelerate/*.yaml
 #   MASTER_PORT                    [random in 29500-39999] rendezvous port of multi-process runs
 #   DTYPE                          [bfloat16 on GPU, float32 otherwise]
@@ -90,10 +109,14 @@
 #   PYTHON_BIN                     [$VENV/bin/python, else python3] interpreter
 #   VENV                           [.venv]
 #   OPD_ENTRY                      [opsd.train] python module to run (train_tip.sh sets tip_ext.train)
-#   EXTRA_ARGS                     [unset] more python -m opsd.train flags
-#   DRY_RUN                        [0] 1 = check the settings, print the resolved configuration, exit
+#   EXTRA_ARGS                     [unset] more python -m opsd.train flags; --learning_rate, --loss_type,
+#                                  --reward_beta, --rollout_n, --per_device_train_batch_size, --temperature and
+#                                  --gradient_accumulation_steps there (or after the script's name) also name the run
+#   DRY_RUN                        [0] 1 = check everything checkable without loading a model (settings, model
+#                                  directories, tokenizers, data; a raw DATA_DIR is prepared), print the resolved
+#                                  configuration, exit
 # Recipe (Rethinking OPD)
-#   COLD_START                     [0] 1 = run run_scripts/cold_start.sh first (teacher rollouts -> SFT) and start
+#   COLD_START                     [0] 1/true = run run_scripts/cold_start.sh first (teacher rollouts -> SFT) and start
 #                                  OPD from its checkpoint; skipped when COLD_START_DIR already holds a finished one
 #   COLD_START_DIR                 [$OUTPUT_DIR/cold_start] the cold-started checkpoint
 #   COLD_START_FILE                [TRAIN_FILE] the prompts the teacher answers
@@ -101,6 +124,12 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 opsd_help "${BASH_SOURCE[0]}" "$@"
+# paths the user gives are relative to the directory the script was run from; defaults are repository-relative
+opsd_abspath MODEL_PATH TEACHER_MODEL_PATH DATA_DIR TRAIN_FILE OUTPUT_ROOT OUTPUT_DIR COLD_START_DIR COLD_START_FILE \
+  VENV
+opsd_abspath_list VAL_FILES
+case "${RESUME:-}" in ""|latest|true|True|TRUE|1|yes) ;; *) opsd_abspath RESUME ;; esac
+if [ -n "${ACCELERATE_CONFIG:-}" ] && [ -e "$OPSD_CALLER_DIR/$ACCELERATE_CONFIG" ]; then opsd_abspath ACCELERATE_CONFIG; fi
 cd "$OPSD_ROOT"
 # PRESET=name loads run_scripts/presets/name.env; its values replace the same variables from the environment
 # (MODEL_PATH, TEACHER_MODEL_PATH and DATA_DIR keep a value already set), so edit a copy to change a preset.
@@ -111,6 +140,21 @@ fi
 opsd_python
 ENTRY=${OPD_ENTRY:-opsd.train}
 DRY=$(opsd_bool DRY_RUN "${DRY_RUN:-0}")
+COLD=$(opsd_bool COLD_START "${COLD_START:-0}")
+OVERWRITE_B=$(opsd_bool OVERWRITE "${OVERWRITE:-0}")
+opsd_refuse_agent_vars
+case "${RESUME:-}" in ""|0|false|False|FALSE|no|none|None) RESUME="" ;; esac
+[ -n "${RESUME:-}" ] && [ "$OVERWRITE_B" = true ] && opsd_die "RESUME=$RESUME and OVERWRITE=$OVERWRITE contradict each \
+other (continue the run, or delete its checkpoints and start afresh): set only one"
+# flags in EXTRA_ARGS / the command line win over the variables they correspond to (so the run name describes the
+# run that is trained)
+# shellcheck disable=SC2206
+user_flags=(${EXTRA_ARGS:-} "$@")
+for pair in learning_rate:LEARNING_RATE loss_type:OPD_LOSS_TYPE reward_beta:OPD_REWARD_BETA rollout_n:ROLLOUT_N \
+            per_device_train_batch_size:PPO_MICRO_BATCH_SIZE_PER_GPU temperature:TEMPERATURE; do
+  value=$(opsd_flag_value "${pair%%:*}" "${user_flags[@]}")
+  [ -n "$value" ] && printf -v "${pair##*:}" '%s' "$value"
+done
 
 # ----- models --------------------------------------------------------------------------------------------------
 : "${MODEL_PATH:?set MODEL_PATH to the local student model directory}"
@@ -148,17 +192,15 @@ elif has_train "$DATA_DIR"; then
 elif [ -f "$RAW_DAPO" ]; then
   TRAIN_FILE=$PREPARED
   VAL_DIR=$PREPARED
-  [ "$DRY" = true ] && opsd_log "DRY_RUN: would prepare $DATA_DIR (upstream's raw layout) into $PREPARED"
-  if [ "$DRY" = false ]; then
-    opsd_log "preparing upstream's raw data in $DATA_DIR into $PREPARED (DAPO ${DAPO_TRAIN_RATIO:-0.8} train split)"
-    prepare "$RAW_DAPO" train --layout dapo --train_ratio "${DAPO_TRAIN_RATIO:-0.8}"
-    mv "$PREPARED/validation.jsonl" "$PREPARED/val_dapo.jsonl"
-  fi
+  # prepared on every run, as upstream; a dry run prepares too, so that it can check the prepared files
+  opsd_log "preparing upstream's raw data in $DATA_DIR into $PREPARED (DAPO ${DAPO_TRAIN_RATIO:-0.8} train split)"
+  prepare "$RAW_DAPO" train --layout dapo --train_ratio "${DAPO_TRAIN_RATIO:-0.8}"
+  mv "$PREPARED/validation.jsonl" "$PREPARED/val_dapo.jsonl"
   planned=""
   for pair in "MATH-500/test.jsonl:val_math500" "AIME_2024/aime_2024_problems.parquet:val_aime24" \
               "AIME_2025/train.jsonl:val_aime25"; do
     if [ -f "$DATA_DIR/${pair%%:*}" ]; then
-      [ "$DRY" = false ] && prepare "$DATA_DIR/${pair%%:*}" "${pair##*:}"
+      prepare "$DATA_DIR/${pair%%:*}" "${pair##*:}"
       name=${pair##*:}; planned="$planned ${name#val_}=$PREPARED/$name.jsonl"
     else
       opsd_note "$DATA_DIR/${pair%%:*} not found: no ${pair##*:} validation set (upstream stops here)"
@@ -181,7 +223,11 @@ fi
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-16}
 ROLLOUT_N=${ROLLOUT_N:-1}
 MICRO=${PPO_MICRO_BATCH_SIZE_PER_GPU:-4}
-NPROC=${NPROC:-1}
+GPUS=$(opsd_gpu_count)
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$(( GPUS > 0 ? GPUS : 1 ))
+  [ "$GPUS" -gt 0 ] && opsd_note "NPROC=$NPROC: one process per GPU nvidia-smi lists (as upstream); set NPROC to use fewer"
+fi
 for v in TRAIN_BATCH_SIZE ROLLOUT_N PPO_MICRO_BATCH_SIZE_PER_GPU NPROC; do
   value=${!v:-}; [ "$v" = PPO_MICRO_BATCH_SIZE_PER_GPU ] && value=$MICRO
   opsd_int "$v" "$value"; [ "$value" -ge 1 ] || opsd_die "$v must be >= 1, got $value"
@@ -194,16 +240,29 @@ of NPROC ($NPROC) so that each process gets whole prompts with their ROLLOUT_N c
 $COMPLETIONS completions) must be a multiple of PPO_MICRO_BATCH_SIZE_PER_GPU x NPROC ($MICRO x $NPROC); change \
 ROLLOUT_N, TRAIN_BATCH_SIZE or PPO_MICRO_BATCH_SIZE_PER_GPU"
 GRAD_ACC=$((COMPLETIONS / PER_PASS))
+ga=$(opsd_flag_value gradient_accumulation_steps "${user_flags[@]}")
+if [ -n "$ga" ]; then  # an explicit accumulation in EXTRA_ARGS changes the prompts per step: name the run by it
+  opsd_int "--gradient_accumulation_steps in EXTRA_ARGS" "$ga"
+  TRAIN_BATCH_SIZE=$((MICRO * NPROC * ga / ROLLOUT_N))
+fi
 if [ -n "${PPO_MINI_BATCH_SIZE:-}" ]; then
   opsd_note "PPO_MINI_BATCH_SIZE=$PPO_MINI_BATCH_SIZE has no effect: upstream's OPD update (opd_worker.update_opd) \
 takes one optimizer step per TRAIN_BATCH_SIZE batch whatever it says, and so does this script"
 fi
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-1024}
 MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-1024}
-if [ -n "${OPD_MAX_LENGTH:-}" ] && [ $((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)) -gt "$OPD_MAX_LENGTH" ]; then
-  MAX_PROMPT_LENGTH=$((OPD_MAX_LENGTH - MAX_RESPONSE_LENGTH))
-  [ "$MAX_PROMPT_LENGTH" -gt 0 ] || opsd_die "OPD_MAX_LENGTH ($OPD_MAX_LENGTH) must exceed MAX_RESPONSE_LENGTH"
-  opsd_note "OPD_MAX_LENGTH=$OPD_MAX_LENGTH: prompts cut to $MAX_PROMPT_LENGTH tokens"
+for v in MAX_PROMPT_LENGTH MAX_RESPONSE_LENGTH; do
+  opsd_int "$v" "${!v}"; [ "${!v}" -ge 1 ] || opsd_die "$v must be >= 1 token, got ${!v}"
+done
+if [ -n "${OPD_MAX_LENGTH:-}" ]; then
+  # upstream: a cap of prompt+response in the loss's forward passes only (prompts cut from the left there, generation
+  # untouched); when the lengths fit it changes nothing, which is all this project reproduces
+  opsd_int OPD_MAX_LENGTH "$OPD_MAX_LENGTH"
+  [ $((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)) -le "$OPD_MAX_LENGTH" ] || opsd_die "OPD_MAX_LENGTH=$OPD_MAX_LENGTH \
+is below MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH ($MAX_PROMPT_LENGTH + $MAX_RESPONSE_LENGTH): upstream then cuts the \
+prompts from the left for the loss only (the student generated from the whole prompt), which this project does not \
+do (its loss sees the context the rollout saw); unset OPD_MAX_LENGTH, or lower MAX_PROMPT_LENGTH/MAX_RESPONSE_LENGTH \
+to fit"
 fi
 LEARNING_RATE=${LEARNING_RATE:-1e-6}
 OPD_LOSS_TYPE=${OPD_LOSS_TYPE:-reverse_kl}
@@ -217,9 +276,9 @@ OUTPUT_ROOT=${OUTPUT_ROOT:-outputs}
 OUTPUT_DIR=${OUTPUT_DIR:-$OUTPUT_ROOT/$EXP_NAME}
 
 # ----- COLD_START=1: off-policy cold start (run_scripts/cold_start.sh), then OPD from its checkpoint ---------------
-if [ "${COLD_START:-0}" = 1 ]; then
+if [ "$COLD" = true ]; then
   COLD_START_DIR=${COLD_START_DIR:-$OUTPUT_DIR/cold_start}
-  if [ "${DRY_RUN:-0}" = 1 ]; then
+  if [ "$DRY" = true ]; then
     opsd_note "COLD_START=1: the cold start would write $COLD_START_DIR and OPD would start from it"
   elif [ -f "$COLD_START_DIR/cold_start_summary.json" ]; then
     opsd_note "COLD_START=1: $COLD_START_DIR holds a finished cold start; OPD starts from it"
@@ -228,7 +287,7 @@ if [ "${COLD_START:-0}" = 1 ]; then
       COLD_START_DIR="$COLD_START_DIR" MAX_RESPONSE_LENGTH="$MAX_RESPONSE_LENGTH" PYTHON_BIN="$PYTHON" \
       bash run_scripts/cold_start.sh
   fi
-  [ "${DRY_RUN:-0}" = 1 ] || MODEL_PATH=$COLD_START_DIR
+  [ "$DRY" = true ] || MODEL_PATH=$COLD_START_DIR
 fi
 
 # ----- chat template: upstream turns thinking off for Qwen models -------------------------------------------------
@@ -245,31 +304,35 @@ fi
 TEST_FREQ=${TEST_FREQ:-0}
 opsd_int TEST_FREQ "$TEST_FREQ"
 VAL_BEFORE=$(opsd_bool VAL_BEFORE_TRAIN "${VAL_BEFORE_TRAIN:-False}")
+VAL_TEMPERATURE_SET=${VAL_TEMPERATURE:-}
 if [ "$THINKING" = true ]; then VAL_TEMPERATURE=${VAL_TEMPERATURE:-0.6}; else VAL_TEMPERATURE=${VAL_TEMPERATURE:-0.7}; fi
+[ "$TEST_FREQ" -ge 0 ] || TEST_FREQ=0  # upstream: any TEST_FREQ <= 0 still validates at the last step
+VAL_AT_END=$(opsd_bool VAL_AT_END "${VAL_AT_END:-1}")
+[ -n "$VAL_FILES" ] || VAL_AT_END=false
 val_args=()
-if [ "$TEST_FREQ" -gt 0 ] || [ "$VAL_BEFORE" = true ]; then
+if [ "$TEST_FREQ" -gt 0 ] || [ "$VAL_BEFORE" = true ] || [ "$VAL_AT_END" = true ]; then
   [ -n "$VAL_FILES" ] || opsd_die "TEST_FREQ=$TEST_FREQ / VAL_BEFORE_TRAIN=${VAL_BEFORE_TRAIN:-False} need validation files: \
 set VAL_FILES, or use upstream's raw DATA_DIR (MATH-500/, AIME_2024/, AIME_2025/)"
   read -r -a val_list <<< "$VAL_FILES"
-  if [ "$DRY" = false ] || [ -z "${planned:-}" ]; then  # a dry run of a raw DATA_DIR has not prepared them yet
-    for spec in "${val_list[@]}"; do
-      file=$spec; [[ "$spec" == *=* && ! -e "$spec" ]] && file=${spec#*=}
-      [ -e "$file" ] || opsd_die "VAL_FILES entry $spec: $file does not exist"
-    done
-  fi
+  for spec in "${val_list[@]}"; do
+    file=$spec; [[ "$spec" == *=* && ! -e "$spec" ]] && file=${spec#*=}
+    [ -e "$file" ] || opsd_die "VAL_FILES entry $spec: $file does not exist"
+  done
   val_args=(--val_files "${val_list[@]}" --test_freq "$TEST_FREQ" --val_before_train "$VAL_BEFORE"
             --val_n "${VAL_N:-16}" --val_temperature "$VAL_TEMPERATURE" --val_top_p "${VAL_TOP_P:-0.8}"
             --val_top_k "${VAL_TOP_K:-20}" --val_max_new_tokens "${VAL_MAX_NEW_TOKENS:-$MAX_RESPONSE_LENGTH}"
-            --val_batch_size "${VAL_BATCH_SIZE:-64}" --val_seed "${SEED:-42}")
+            --val_batch_size "${VAL_BATCH_SIZE:-64}" --val_seed "${SEED:-42}" --val_at_end "$VAL_AT_END")
   [ -n "${VAL_LIMIT:-}" ] && val_args+=(--val_limit "$VAL_LIMIT")
 else
-  for v in VAL_N VAL_TOP_P VAL_TOP_K VAL_LIMIT VAL_MAX_NEW_TOKENS; do
-    [ -n "${!v:-}" ] && opsd_note "$v is set but validation is off (TEST_FREQ=0, VAL_BEFORE_TRAIN false): unused"
+  [ -n "$VAL_FILES" ] || opsd_note "no validation files (VAL_FILES, or val_math500/val_aime24/val_aime25 next to \
+the train file): no validation, where upstream validates at the last step"
+  for v in VAL_N VAL_TEMPERATURE_SET VAL_TOP_P VAL_TOP_K VAL_LIMIT VAL_MAX_NEW_TOKENS VAL_BATCH_SIZE; do
+    [ -n "${!v:-}" ] && opsd_note "${v%_SET} is set but validation is off (TEST_FREQ=$TEST_FREQ, VAL_BEFORE_TRAIN \
+$VAL_BEFORE, validation at the last step $VAL_AT_END): unused"
   done
 fi
 
 # ----- rollout engine ------------------------------------------------------------------------------------------
-GPUS=$(opsd_gpu_count)
 USE_VLLM=${USE_VLLM:-0}
 if [ "$USE_VLLM" = auto ]; then
   if [ "$GPUS" -gt 0 ] && opsd_has_module vllm; then USE_VLLM=1; else USE_VLLM=0; fi
@@ -305,8 +368,18 @@ TOP_K=${TOP_K:--1}
 opsd_int TOP_K "$TOP_K"
 [ "$TOP_K" -lt 0 ] && TOP_K=0  # upstream's -1 = off is TRL's 0
 SAVE=${SAVE_FREQ:-${SAVE_STEPS:-200}}
+opsd_int SAVE_FREQ "$SAVE"
+save_args=(--save_steps "$SAVE")
+# upstream: SAVE_FREQ <= 0 saves no checkpoint (not even at the end); here no checkpoint, the final model is saved
+[ "$SAVE" -gt 0 ] || save_args=(--save_strategy no)
+OFFLOAD=$(opsd_bool TEACHER_OFFLOAD "${TEACHER_OFFLOAD:-0}")
 MASTER_PORT=${MASTER_PORT:-$((29500 + RANDOM % 10500))}
 export MASTER_PORT
+if [ "$GPUS" -gt 0 ]; then
+  export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}  # as upstream sets it
+else
+  opsd_cpu_threads "$NPROC"
+fi
 args=(
   --model_name_or_path "$MODEL_PATH"
   --teacher_model_name_or_path "$TEACHER_MODEL_PATH"
@@ -329,15 +402,17 @@ args=(
   --max_completion_length "$MAX_RESPONSE_LENGTH"
   --rollout_n "$ROLLOUT_N"
   --temperature "${TEMPERATURE:-1.0}"
+  --temperature_in_loss false
   --top_p "${TOP_P:-1.0}"
   --top_k "$TOP_K"
   --dtype "$DTYPE"
   --bf16 "$([ "$DTYPE" = bfloat16 ] && echo true || echo false)"
-  --save_steps "$SAVE"
+  "${save_args[@]}"
+  --teacher_offload "$OFFLOAD"
   --logging_steps "${LOGGING_STEPS:-1}"
   --seed "${SEED:-42}"
   --report_to "${REPORT_TO:-none}"
-  --overwrite "$(opsd_bool OVERWRITE "${OVERWRITE:-0}")"
+  --overwrite "$OVERWRITE_B"
 )
 args+=("${template_args[@]}" "${val_args[@]}" "${vllm_args[@]}")
 [ -n "${OPD_REWARD_BETA:-}" ] && args+=(--reward_beta "$OPD_REWARD_BETA")

@@ -20,6 +20,7 @@ if opsd_wants_help "$@"; then
   echo
   exec bash "$OPSD_ROOT/run_scripts/train_opd.sh" --help
 fi
+opsd_abspath TOKEN_DUMP_DIR
 cd "$OPSD_ROOT"
 sel_args=(--selector "${SELECTOR:-soft_or}" --ratio "${RATIO:-0.5}" --scope "${SCOPE:-rollout_batch}"
           --support_top_k "${SUPPORT_TOP_K:-16}")

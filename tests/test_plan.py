@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -373,3 +374,24 @@ def test_cli_table_and_json(capsys):
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "recommendation (cheapest change that fits)" in text
     assert "kv_cache" in text and "student_backward" in text
+
+
+def test_defaults_match_the_run_scripts_rollout_n():
+    """opsd.plan's rollout_n default is train_opd.sh's ROLLOUT_N default, so the README's kind of call (a rollout
+    batch of prompts, one completion each) plans instead of failing on divisibility."""
+    import re
+
+    script = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_scripts",
+                               "train_opd.sh")).read()
+    default = int(re.search(r"ROLLOUT_N=\$\{ROLLOUT_N:-(\d+)\}", script).group(1))
+    assert P.PlanInputs().rollout_n == default == 1
+    result = P.main(["--student", "qwen3-1.7b", "--teacher", "qwen3-8b", "--rollout_batch", "8", "--json"])
+    assert result["plan"]["rollout_n"] == 1 and result["plan"]["rollout_batch"] == 8
+
+
+def test_plan_user_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        P.main(["--rollout_batch", "8", "--rollout_n", "16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "rollout_n" in err and "Traceback" not in err

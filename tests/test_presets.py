@@ -123,11 +123,13 @@ def test_extra_args_parse_with_the_training_cli():
 
 
 def test_one_preset_through_train_tip_sh_dry_run(tmp_path):
+    from support import save_pair
+
     path = os.path.join(PRESET_DIR, "qwen3-8b-to-4b-lora-24gb.env")
-    for name in ("s", "t", "d"):
-        (tmp_path / name).mkdir()
+    student, teacher = save_pair(str(tmp_path))  # the dry run checks the model directories and tokenizers
+    (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    paths = f"MODEL_PATH={tmp_path / 's'} TEACHER_MODEL_PATH={tmp_path / 't'} DATA_DIR={tmp_path / 'd'} "
+    paths = f"MODEL_PATH={student} TEACHER_MODEL_PATH={teacher} DATA_DIR={tmp_path / 'd'} "
     out = subprocess.run(["bash", "-c", f"{paths}; set -a; source {shlex.quote(path)}; set +a; DTYPE=float32 "
                           f"DRY_RUN=1 SELECTOR=q3 RATIO=0.1 PYTHON_BIN={shlex.quote(sys.executable)} "
                           "bash run_scripts/train_tip.sh"],

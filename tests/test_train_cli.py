@@ -68,18 +68,23 @@ def test_true_vocabulary_mismatch_fails_clearly(tmp_path):
         resolve_distill_vocab(make_model(n + 2), make_model(n + 4), big)
 
 
-def test_user_errors_are_clear(setup, tmp_path):
+def test_user_errors_are_clear(setup, tmp_path, capsys):
+    from opsd.preflight import UserError
+
     student, teacher, data, out = setup
-    with pytest.raises(FileNotFoundError, match="Teacher model"):
+    with pytest.raises(UserError, match="TEACHER_MODEL_PATH") as exc:
         main(base_args(student, str(tmp_path / "nope"), data, out))
-    with pytest.raises(FileNotFoundError, match="Student model"):
+    assert exc.value.code == 2
+    with pytest.raises(UserError, match="MODEL_PATH"):
         main(base_args(str(tmp_path / "nope"), teacher, data, out))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="(?i)empty"):
+    with pytest.raises(UserError, match="(?i)no rows"):
         main(base_args(student, teacher, str(empty), out))
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(UserError, match="OPD_LOSS_TYPE"):
         main(base_args(student, teacher, data, out, loss_type="kl"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 4
 
 
 def test_run_script_dry_run_prints_config(setup):

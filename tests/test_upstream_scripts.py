@@ -271,10 +271,16 @@ def test_lora_recipe_plans_trains_resumes_merges_and_evaluates(pair, tmp_path):
     env = dict(MODEL_PATH=student, TEACHER_MODEL_PATH=teacher, TRAIN_FILE=data, OUTPUT_DIR=str(tmp_path / "lora"),
                TRAIN_BATCH_SIZE="2", ROLLOUT_N="2", PPO_MICRO_BATCH_SIZE_PER_GPU="2", MAX_STEPS="1", LORA_R="8",
                MAX_RESPONSE_LENGTH="4", MAX_PROMPT_LENGTH="8", DATA_FILES=data, K="1", MAX_NEW_TOKENS="2",
-               LIMIT="1", LEARNING_RATE="1e-2", EXTRA_ARGS="--use_cpu true")
+               LIMIT="1", LEARNING_RATE="1e-2", EXTRA_ARGS="--use_cpu true",
+               # the training data directory: eval_math.sh must not take it for upstream's raw benchmark root
+               DATA_DIR=str(tmp_path), LORA_TARGETS="q_proj,v_proj")
     result = run("train_lora.sh", env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "plan:" in result.stderr and "--use_peft true --lora_r 8" in result.stdout
+    # the user's LoRA targets survive the planner
+    assert "--lora_target_modules q_proj v_proj" in result.stdout
+    assert set(json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_modules"]) == {
+        "q_proj", "v_proj"}
     out = tmp_path / "lora"
     assert (out / "adapter_config.json").exists() and (out / "merged" / "config.json").exists()
     assert (out / "eval" / "eval_summary.json").exists() and (out / "merged" / "eval" / "eval_summary.json").exists()

@@ -55,6 +55,15 @@ class OPDConfig(DistillationConfig):
                   "micro-batch, then the mean over micro-batches (without reward_beta: the mean of per-micro-batch "
                   "token means); it replaces loss_normalization."},
     )
+    temperature_in_loss: bool = field(
+        default=True,
+        metadata={"help": "True (TRL's convention, the Python/CLI default): both models' logits are divided by "
+                  "`temperature` inside the divergence, its statistics and the selectors' statistics, so the "
+                  "objective is the divergence between the temperature-scaled distributions. False (upstream's "
+                  "objective; run_scripts/*.sh pass it): the loss and every statistic use the raw logits (T = 1) and "
+                  "`temperature` only shapes the sampling of the rollouts. temperature 0 (greedy rollouts) needs "
+                  "False."},
+    )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Prompts longer than this are truncated from the left. None: no limit."}
     )
@@ -153,6 +162,14 @@ class OPDConfig(DistillationConfig):
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}.")
         if self.max_consecutive_skipped_steps < 0:
             raise ValueError(f"max_consecutive_skipped_steps must be >= 0, got {self.max_consecutive_skipped_steps}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy rollouts), got {self.temperature}.")
+        if self.temperature == 0:
+            if self.temperature_in_loss:
+                raise ValueError("temperature 0 (greedy rollouts) cannot scale the loss's logits: set "
+                                 "--temperature_in_loss false (the loss on raw logits, upstream's objective).")
+            if not self.use_vllm:  # transformers generate: greedy is do_sample False (vLLM takes temperature 0)
+                self.generation_kwargs = {**(self.generation_kwargs or {}), "do_sample": False}
         if self.rollout_n < 1:
             raise ValueError(f"rollout_n must be >= 1, got {self.rollout_n}.")
         self._check_loss_support()

@@ -189,6 +189,13 @@ class OPDTrainer(DistillationTrainer):
                              "student's embeddings to the tokenizer (model.resize_token_embeddings) or use HF generate.")
 
     # ----- data -----------------------------------------------------------------------------------------------
+    @property
+    def loss_temperature(self) -> float:
+        """The temperature dividing both models' logits in the loss and every statistic: `temperature` with
+        temperature_in_loss (TRL's convention), 1.0 (raw logits, upstream's objective) without; sampling always
+        uses `temperature`."""
+        return self.temperature if self.args.temperature_in_loss else 1.0
+
     def _get_train_sampler(self, dataset=None):
         dataset = self.train_dataset if dataset is None else dataset
         generation_batch = (self.args.per_device_train_batch_size * self.accelerator.num_processes
@@ -371,7 +378,7 @@ class OPDTrainer(DistillationTrainer):
             flat, rows, positions = valid_token_index(mask)
             flats.append(flat)
             view = TokenView(token_ids=mb["completion_ids"].reshape(-1)[flat], sequence_ids=rows + offset,
-                             positions=positions, temperature=self.temperature)
+                             positions=positions, temperature=self.loss_temperature)
             offset += mask.shape[0]
             if selector.needs_model_pass:
                 # through the wrapper's forward, so FSDP/ZeRO-3 materialize the sharded backbone as in training
@@ -450,7 +457,7 @@ class OPDTrainer(DistillationTrainer):
         if self.args.loss_support == "full":
             loss, divergence, entropy = weighted_divergence_loss(h_s, s_head, h_t, t_head,
                                                                  factors[rows].to(h_s.device), self.beta,
-                                                                 self.temperature, self.args.divergence_backend,
+                                                                 self.loss_temperature, self.args.divergence_backend,
                                                                  self.args.chunk_size)
         else:  # top-k / sampled-token estimators (opsd.core.estimators)
             divergence, entropy = self._estimated_divergence(h_s, s_head, h_t, t_head,
@@ -526,7 +533,7 @@ class OPDTrainer(DistillationTrainer):
 
         args = self.args
         divergence, entropy, empty = support_divergence(h_s, s_head, h_t, t_head, token_ids, args.loss_support,
-                                                        args.loss_support_k, self.beta, self.temperature,
+                                                        args.loss_support_k, self.beta, self.loss_temperature,
                                                         args.loss_support_control_variate, args.chunk_size)
         if args.loss_support == "intersection":
             self._metrics["train" if self.model.training else "eval"]["loss_support/empty_fraction"].append(empty)
@@ -553,7 +560,7 @@ class OPDTrainer(DistillationTrainer):
                 h_t = mb["teacher_hidden"]
                 stats.append(overlap_from_hidden(hidden.reshape(-1, hidden.shape[-1])[flat].to(s_head.weight.device),
                                                  s_head, h_t.reshape(-1, h_t.shape[-1])[flat].to(t_head.weight.device),
-                                                 t_head, self.args.overlap_k, self.args.chunk_size, self.temperature))
+                                                 t_head, self.args.overlap_k, self.args.chunk_size, self.loss_temperature))
         merged = {name: torch.cat([s[name] for s in stats]) for name in stats[0]} if stats else {}
         for name, value in summarize(merged, torch.cat(buckets) if buckets else torch.zeros(0)).items():
             self._metrics["train"][name].append(value)
