@@ -13,7 +13,7 @@ import torch
 from opsd.collapse import (CollapseRule, clipped_ratio, completion_metrics, distinct_n, end_of_turn_rate,
                            load_or_make_teacher_text, sequence_nll, stop_token_ids, teacher_text_nll)
 from opsd.core.models import load_causal_lm, load_tokenizer
-from tests.support import make_model, make_tokenizer, save_pair, write_prompts
+from support import make_model, make_tokenizer, save_pair, write_prompts
 
 STOP = {1}
 
