@@ -138,7 +138,7 @@ def cold_start_advice(cold_start: dict, teacher: str | None = None) -> str:
     steps_next.append("a teacher that shares the student's base model and way of writing (e.g. the student's base "
                       "plus a small adapter trained on the new capability)")
     steps_next.append("if you run OPD anyway, run it with validation (VAL_FILES, TEST_FREQ) so the collapse rule "
-                      "watches teacher-text NLL and the end-of-turn rate (STOP_ON_COLLAPSE / --stop_on_collapse "
+                      "watches teacher-text NLL and the end-of-turn rate (--stop_on_collapse true "
                       "stops it): on an incompatible pair reverse KL can fall while the student drifts away from "
                       "the teacher's text")
     return done + " Next: " + "; ".join(steps_next) + "."
