@@ -272,3 +272,74 @@ def test_collapse_flags_are_checked():
 
     with pytest.raises(ValueError, match="--collapse_nll_rise"):
         ValidationArguments(collapse_nll_rise=-1.0)
+
+
+# ----- a real mode-seeking collapse, reproduced by training a tiny pair ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab_pair(tmp_path_factory):
+    """The lab's shipped addition pair (trained tiny Qwen2 models: the teacher writes the digit-pair solution and
+    ends with EOS; the student is warm-started), and 32 held-out prompts with their answers."""
+    from lab.models import default_lab_config, prepare_lab_models
+
+    lab = prepare_lab_models(str(tmp_path_factory.mktemp("lab")), default_lab_config("addition"), progress=False)
+    rows = [json.loads(line) for line in open(os.path.join(lab["paths"]["dir"], "eval_prompts.jsonl"))][:32]
+    val = tmp_path_factory.mktemp("lab_val") / "val.jsonl"
+    with open(val, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n")
+    return lab["paths"], str(val)
+
+
+def _train_lab(paths, val, out, lr, steps, *extra):
+    from opsd.train import main
+
+    return main(["--model_name_or_path", paths["student"], "--teacher_model_name_or_path", paths["teacher"],
+                 "--train_file", os.path.join(paths["dir"], "train_prompts.jsonl"), "--output_dir", str(out),
+                 "--per_device_train_batch_size", "16", "--max_steps", str(steps), "--max_completion_length", "20",
+                 "--learning_rate", str(lr), "--lr_scheduler_type", "constant", "--logging_steps", "1",
+                 "--report_to", "none", "--gradient_checkpointing", "false", "--use_cpu", "true",
+                 "--save_strategy", "no", "--seed", "0", "--val_files", f"add={val}", "--test_freq", "5",
+                 "--val_before_train", "true", "--val_n", "2", "--val_temperature", "1.0", "--val_top_p", "1.0",
+                 "--val_top_k", "0", "--val_max_new_tokens", "20", *extra])
+
+
+def test_training_collapse_on_a_tiny_pair_is_flagged_and_stopped(lab_pair, tmp_path, capsys):
+    """OPD at lr 5e-2 on the lab pair collapses the way the real pair does at lr 1e-4 (REAL_ASSETS.md): after a
+    first jump, reverse KL on the student's own rollouts falls (about 18 -> 6 nats/token) while the student turns
+    into a repeated-token generator that never ends its turn (end-of-turn rate 1.0 -> 0, distinct-2 0.12 -> < 0.01)
+    and the NLL of the teacher's text climbs from 0.2 to > 10. The rule fires at the step-10 validation, and
+    --stop_on_collapse ends the run there (of 30 steps)."""
+    paths, val = lab_pair
+    summary = _train_lab(paths, val, tmp_path / "run", 5e-2, 30, "--stop_on_collapse", "true")
+    assert summary["global_step"] == 10
+    records = summary["validation"]
+    assert [r["step"] for r in records] == [0, 5, 10]
+    first, last = records[0]["metrics"], records[-1]["metrics"]
+    assert "collapse" not in records[1] and records[1]["metrics"]["val/add/collapse"] == 0.0
+    assert last["val/add/collapse"] == 1.0
+    assert {"teacher_nll", "eot_rate"} <= set(records[-1]["collapse"]["add"]["signals"])
+    assert last["val/add/teacher_nll"] > 10 * first["val/add/teacher_nll"]
+    assert first["val/add/eot_rate"] >= 0.9 and last["val/add/eot_rate"] <= 0.1
+    losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
+    assert min(losses[-3:]) < 0.6 * max(losses[:5])  # the loss fell while all this happened
+    err = capsys.readouterr().err
+    assert "WARNING: possible collapse at step 10 on add" in err and "stopping at step 10" in err
+    # the run is still saved and compare shows the collapse
+    from opsd.compare import compare
+
+    row = compare([str(tmp_path / "run")])["comparison"]["runs"][0]
+    assert row["collapse"]["step"] == 10
+
+
+def test_healthy_training_on_a_tiny_pair_raises_no_warning(lab_pair, tmp_path, capsys):
+    """The same pair at lr 3e-4: the teacher-text NLL falls, the student keeps ending its turns, no warning."""
+    paths, val = lab_pair
+    summary = _train_lab(paths, val, tmp_path / "run", 3e-4, 10)
+    records = summary["validation"]
+    assert [r["step"] for r in records] == [0, 5, 10] and not any("collapse" in r for r in records)
+    nll = [r["metrics"]["val/add/teacher_nll"] for r in records]
+    assert nll[-1] < nll[0]
+    assert all(r["metrics"]["val/add/eot_rate"] >= 0.9 for r in records)
+    assert "possible collapse" not in capsys.readouterr().err
