@@ -138,10 +138,19 @@ class ValidationCallback(TrainerCallback):
         prompt_ids = tokenize_prompts(tokenizer, list(dataset["prompt"]), train_args.chat_template_kwargs,
                                       train_args.max_prompt_length)
         path = os.path.join(train_args.output_dir, f"teacher_text_{name}.json")
-        with unwrap_model_for_generation(trainer.teacher_model, trainer.accelerator) as teacher:
-            ids = load_or_make_teacher_text(path, teacher, tokenizer, prompt_ids, self._max_new_tokens(),
-                                            self.args.val_batch_size,
-                                            write=trainer.accelerator.is_main_process)
+        offload = getattr(train_args, "teacher_offload", False)
+        if offload:  # the offloaded teacher's backbone is on the CPU: on the accelerator for this one generation
+            trainer._place_teacher(trainer.accelerator.device)
+        try:
+            with unwrap_model_for_generation(trainer.teacher_model, trainer.accelerator) as teacher:
+                ids = load_or_make_teacher_text(path, teacher, tokenizer, prompt_ids, self._max_new_tokens(),
+                                                self.args.val_batch_size,
+                                                write=trainer.accelerator.is_main_process)
+        finally:
+            if offload:
+                import torch
+
+                trainer._place_teacher(torch.device("cpu"))
         self.teacher_ids[name] = ids
         return ids
 
