@@ -116,8 +116,14 @@ def test_rule_fires_on_each_signal_only_while_the_loss_falls():
     assert set(report["signals"]) == {"teacher_nll", "eot_rate", "distinct_2"}
     assert report["signals"]["teacher_nll"]["relative_change"] == pytest.approx(0.2)
     assert report["loss0"] == pytest.approx(sum(FALLING[:3]) / 3) and report["loss"] == pytest.approx(1.133333, 1e-5)
-    for key, bad in (("teacher_nll", 1.11), ("eot_rate", 0.59), ("distinct_2", 0.29)):
+    for key, bad in (("teacher_nll", 1.11), ("eot_rate", 0.59)):
         assert set(rule.check(BASE, {**BASE, key: bad}, FALLING)["signals"]) == {key}
+    # distinct-2 supports a collapse but never makes one alone (format learning lowers it too)
+    assert rule.signals(BASE, {**BASE, "distinct_2": 0.29}) == {
+        "distinct_2": {"baseline": 0.6, "value": 0.29, "relative_change": pytest.approx((0.29 - 0.6) / 0.6)}}
+    assert rule.check(BASE, {**BASE, "distinct_2": 0.29}, FALLING) is None
+    assert set(rule.check(BASE, {**BASE, "distinct_2": 0.29, "teacher_nll": 1.2}, FALLING)["signals"]) == {
+        "distinct_2", "teacher_nll"}
     # just inside each threshold: silent
     for key, ok in (("teacher_nll", 1.09), ("eot_rate", 0.61), ("distinct_2", 0.31)):
         assert rule.check(BASE, {**BASE, key: ok}, FALLING) is None
@@ -135,9 +141,14 @@ def test_rule_is_silent_on_a_healthy_curve_and_missing_signals():
     assert rule.check({"eot_rate": 0.8}, {"teacher_nll": 9.0, "eot_rate": 0.8}, FALLING) is None
     # a student that never ended its turn cannot lose the end-of-turn rate (min_eot)
     assert rule.check({"eot_rate": 0.02}, {"eot_rate": 0.0}, FALLING) is None
-    # distinct_drop 0 turns that signal off; min_signals 2 needs two signals
-    assert CollapseRule(distinct_drop=0).check(BASE, {**BASE, "distinct_2": 0.0}, FALLING) is None
-    assert CollapseRule(min_signals=2).check(BASE, {**BASE, "teacher_nll": 2.0}, FALLING) is None
+    # distinct_drop 0 turns that signal off; min_signals 2 needs both primary signals
+    assert CollapseRule(distinct_drop=0).signals(BASE, {**BASE, "distinct_2": 0.0}) == {}
+    assert CollapseRule(min_signals=2).check(BASE, {**BASE, "teacher_nll": 2.0, "distinct_2": 0.0}, FALLING) is None
+    assert CollapseRule(min_signals=2).check(BASE, {**BASE, "teacher_nll": 2.0, "eot_rate": 0.0}, FALLING)
+    # the real pair's format learning (lab.real_collapse, lr 1e-4, batch 4 x 32): reward up, teacher NLL down,
+    # end-of-turn up, distinct-2 down 79%: not a collapse
+    assert rule.check({"teacher_nll": 0.820, "eot_rate": 0.583, "distinct_2": 0.746},
+                      {"teacher_nll": 0.294, "eot_rate": 1.0, "distinct_2": 0.158}, [3.39, 1.37, 0.07, 0.3, 0.24]) is None
 
 
 def test_rule_rejects_bad_thresholds():
