@@ -63,8 +63,8 @@ class ValidationArguments:
                                      "teacher-text NLL over the first validation."})
     collapse_eot_drop: float = field(default=0.25, metadata={"help": "Collapse signal: relative drop of the "
                                      "end-of-turn rate below the first validation's."})
-    collapse_distinct_drop: float = field(default=0.5, metadata={"help": "Supporting collapse signal (never alone): relative drop of "
-                                          "distinct-2 below the first validation's (0 = not a signal)."})
+    collapse_distinct_drop: float = field(default=0.5, metadata={"help": "Supporting collapse signal (never alone): "
+                                          "relative drop of distinct-2 below the first validation's (0 = off)."})
     collapse_loss_drop: float = field(default=0.05, metadata={"help": "The training loss counts as falling when "
                                       "it dropped by this fraction of its first logged values."})
 
