@@ -192,7 +192,8 @@ class CollapseRule:
     The training loss *fell* when ``(loss0 - loss) / |loss0| >= loss_drop``, with ``loss0`` the mean of the first
     ``loss_window`` logged training losses and ``loss`` the mean of the last ``loss_window`` logged before this
     validation (the window shrinks to half the logged losses early on). A collapse is reported when the loss fell
-    and at least ``min_signals`` of the primary signals (``teacher_nll``, ``eot_rate``) fired. A signal whose
+    and at least ``min_signals`` of the primary signals (``teacher_nll``, ``eot_rate``) fired; once reported, it is
+    reported again at later validations while those signals still fire, whether or not the loss still falls. A signal whose
     baseline or current value is missing (no teacher, no completion with two tokens) cannot fire. ``clipped_ratio``
     is the complement of ``eot_rate`` under transformers generation and is not counted twice.
     """
@@ -249,13 +250,15 @@ class CollapseRule:
             return False, loss0, loss
         return (loss0 - loss) / abs(loss0) >= self.loss_drop, loss0, loss
 
-    def check(self, baseline: dict, current: dict, losses: Sequence[float]) -> dict | None:
-        """A collapse report ({signals, loss0, loss}) or None."""
+    def check(self, baseline: dict, current: dict, losses: Sequence[float], confirmed: bool = False) -> dict | None:
+        """A collapse report ({signals, loss0, loss, persisting}) or None. ``confirmed``: a collapse was already
+        reported for this set; it is reported again while its signals still fire, whatever the loss does now (a
+        collapsed student's loss need not keep falling)."""
         fell, loss0, loss = self.loss_fell(losses)
         fired = self.signals(baseline, current)
-        if not fell or sum(key in fired for key in self.PRIMARY) < self.min_signals:
+        if sum(key in fired for key in self.PRIMARY) < self.min_signals or not (fell or confirmed):
             return None
-        return {"signals": fired, "loss0": loss0, "loss": loss}
+        return {"signals": fired, "loss0": loss0, "loss": loss, "persisting": bool(confirmed)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -265,6 +268,10 @@ def describe(name: str, step: int, report: dict) -> str:
     """One warning line for a collapse report."""
     parts = [f"{key} {s['baseline']:.3g} -> {s['value']:.3g} ({100 * s['relative_change']:+.0f}%)"
              for key, s in report["signals"].items()]
-    return (f"possible collapse at step {step} on {name}: " + ", ".join(parts)
-            + f" while the training loss fell {report['loss0']:.3g} -> {report['loss']:.3g} "
-            "(docs/METHODS.md, Collapse signals)")
+    loss = "" if report["loss0"] is None else f"{report['loss0']:.3g} -> {report['loss']:.3g}"
+    if report.get("persisting"):
+        tail = f" (persisting since an earlier warning; training loss {loss})"
+    else:
+        tail = f" while the training loss fell {loss}"
+    return f"possible collapse at step {step} on {name}: " + ", ".join(parts) + tail + \
+        " (docs/METHODS.md, Collapse signals)"

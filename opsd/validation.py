@@ -198,7 +198,8 @@ class ValidationCallback(TrainerCallback):
             if name not in self.baseline:
                 self.baseline[name] = values
                 continue
-            report = self.rule.check(self.baseline[name], values, losses)
+            report = self.rule.check(self.baseline[name], values, losses,
+                                     confirmed=any(name in c for c in self.collapses))
             metrics[f"val/{name}/collapse"] = 0.0 if report is None else 1.0
             if report is not None:
                 collapse[name] = report

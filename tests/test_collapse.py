@@ -131,6 +131,10 @@ def test_rule_fires_on_each_signal_only_while_the_loss_falls():
     assert rule.check(BASE, drift, list(reversed(FALLING))) is None
     assert rule.check(BASE, drift, [1.0, 1.0, 0.99, 1.0]) is None
     assert rule.check(BASE, drift, [1.0]) is None  # too few losses to tell
+    # once confirmed, a collapse is reported again while its signals fire, whatever the loss does
+    again = rule.check(BASE, drift, list(reversed(FALLING)), confirmed=True)
+    assert again["persisting"] is True and "teacher_nll" in again["signals"]
+    assert rule.check(BASE, BASE, FALLING, confirmed=True) is None
 
 
 def test_rule_is_silent_on_a_healthy_curve_and_missing_signals():
@@ -356,3 +360,12 @@ def test_healthy_training_on_a_tiny_pair_raises_no_warning(lab_pair, tmp_path, c
     assert nll[-1] < nll[0]
     assert all(r["metrics"]["val/add/eot_rate"] >= 0.9 for r in records)
     assert "possible collapse" not in capsys.readouterr().err
+
+
+def test_real_collapse_command_rejects_bad_flags_before_loading(tmp_path, capsys):
+    from lab.real_collapse import main
+
+    assert main(["--steps", "0", "--output_dir", str(tmp_path)]) == 2
+    assert "error: --steps" in capsys.readouterr().err
+    assert main(["--teacher", str(tmp_path / "none"), "--output_dir", str(tmp_path)]) == 2
+    assert "error: --teacher" in capsys.readouterr().err
