@@ -9,7 +9,10 @@
 2. The student is fine-tuned on them with TRL's SFTTrainer (prompt-completion data, loss on the completion only;
    full fine-tuning, or LoRA with `--lora` merged into the weights at the end).
 3. `--output_dir` receives a plain checkpoint (weights + tokenizer) that run_scripts/train_opd.sh and train_tip.sh
-   start from (MODEL_PATH=OUTPUT_DIR), the SFT data (`cold_start_data.jsonl`) and `cold_start_summary.json`.
+   start from (MODEL_PATH=OUTPUT_DIR), the SFT data (`cold_start_data.jsonl`) and `cold_start_summary.json`
+   (`"kind": "opsd.cold_start"`, the teacher, the prompts, the counts and the SFT settings): python -m
+   opsd.probe_teacher reads it from the student directory and, instead of advising another cold start, says what
+   to do next.
 
 Why: OPD's dense token reward is informative only where the student already visits states the teacher would visit
 (a shared top-K set holding most of both distributions' mass); a short SFT phase on teacher trajectories raises that
@@ -23,6 +26,23 @@ import json
 import os
 import sys
 from typing import Sequence
+
+
+SUMMARY_FILE = "cold_start_summary.json"
+KIND = "opsd.cold_start"
+
+
+def read_summary(model_dir: str) -> dict | None:
+    """The cold-start metadata of a model directory written by this module, or None (not a cold-started model)."""
+    path = os.path.join(model_dir, SUMMARY_FILE)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("kind", KIND) != KIND:
+        return None
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,9 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("No teacher response survived the filters: raise --max_new_tokens, pass --keep_truncated, "
                          "or drop --filter_reward.")
     print(f"[cold_start] phase 2: SFT of the student on {len(rows)} responses", file=sys.stderr)
-    summary = {"teacher": args.teacher, "student": args.student, "prompts": args.prompts, **counts,
+    settings = {k: getattr(args, k, None) for k in ("rollouts", "max_new_tokens", "limit", "num_train_epochs",
+                                                   "learning_rate", "lora", "filter_reward")}
+    summary = {"kind": KIND, "teacher": os.path.abspath(args.teacher), "student": args.student,
+               "prompts": args.prompts, "settings": settings, **counts,
                **supervised_fine_tune(args, rows, kwargs), "checkpoint": os.path.abspath(args.output_dir)}
-    with open(os.path.join(args.output_dir, "cold_start_summary.json"), "w") as f:
+    with open(os.path.join(args.output_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"[cold_start] checkpoint: {summary['checkpoint']} (use it as MODEL_PATH for train_opd.sh / train_tip.sh)")
     return 0

@@ -22,6 +22,11 @@ Columns (one row per run):
   forward pass over every rollout and its distribution is computed at every completion position (selectors
   need it to rank tokens; the full-token loss needs it everywhere): token selection saves student-side loss rows
   and memory, not teacher queries.
+- collapse signals (opsd.collapse, docs/METHODS.md "Collapse signals"), per benchmark from eval_summary.json:
+  ``end-of-turn`` (percent of completions that ended their turn), ``distinct-2`` and ``teacher NLL`` (the run's
+  mean NLL of the teacher's text; present when opsd.evaluate ran with ``--teacher``); and ``collapse``: the first
+  validation step at which the collapse rule fired during training, with its signals (from run_summary.json's
+  validation records), ``no`` when validation ran with the rule and never fired, ``—`` without validation.
 - ``step time`` (mean seconds per optimizer step), ``peak mem`` (max of the logged peak_memory_gb),
   ``final loss`` (last logged training loss).
 
@@ -50,6 +55,7 @@ __all__ = [
     "RunData",
     "accuracy_noise",
     "build_comparison",
+    "collapse_summary",
     "compare",
     "config_differences",
     "flatten_config",
@@ -107,6 +113,7 @@ def load_run(run_dir: str, name: str | None = None) -> RunData:
         name=name or os.path.basename(os.path.normpath(run_dir)), path=run_dir,
         config=summary.get("config") or {}, log_history=summary.get("log_history") or [],
         train_metrics=summary.get("train_metrics") or {}, eval=eval_summary, eval_path=eval_path,
+        validation=summary.get("validation") or [],
     )
 
 
@@ -277,8 +284,21 @@ def _eval_metrics(run: RunData) -> dict[str, dict]:
             keys = [key for key in m if key.startswith("mean@")]
             k = int(keys[0].split("@")[1]) if keys else None
         out[name] = {"k": k, "n": m.get("n_problems"), "mean": m.get(f"mean@{k}"), "pass": m.get(f"pass@{k}"),
-                     "pass1": m.get("pass@1")}
+                     "pass1": m.get("pass@1"), "eot_rate": m.get("eot_rate"), "distinct_2": m.get("distinct_2"),
+                     "teacher_nll": m.get("teacher_nll"), "clipped_ratio": m.get("clipped_ratio")}
     return out
+
+
+def collapse_summary(validation: Sequence[dict]) -> dict | None:
+    """The first validation record where the collapse rule fired: {step, sets: {name: [signals]}}; ``{}`` when the
+    validation records carry the rule but it never fired; None without validation records."""
+    if not validation:
+        return None
+    for record in validation:
+        if record.get("collapse"):
+            return {"step": record.get("step"),
+                    "sets": {name: sorted((r.get("signals") or {}).keys()) for name, r in record["collapse"].items()}}
+    return {}
 
 
 def accuracy_noise(p1: float, n1: int, p2: float, n2: int, sigmas: float = ACCURACY_SIGMAS) -> tuple[float, float,
@@ -313,7 +333,7 @@ def build_comparison(runs: Sequence[RunData], baseline: int = 0, sigmas: float =
         evals = _eval_metrics(run)
         row = {"name": run["name"], "path": run["path"], "baseline": i == baseline, "selector": selector,
                "ratio": ratio, "config": {k: flat.get(k) for k in diff_keys}, "train": train, "eval": evals,
-               "noise": {}}
+               "collapse": collapse_summary(run.get("validation") or []), "noise": {}}
         if i != baseline:
             for bench, m in evals.items():
                 b = base_eval.get(bench)
@@ -351,6 +371,15 @@ def _fmt_acc(row: dict, bench: str, metric: str) -> str:
     return text
 
 
+def _fmt_collapse(collapse: dict | None) -> str:
+    if collapse is None:
+        return "—"
+    if not collapse:
+        return "no"
+    signals = sorted({sig for names in collapse["sets"].values() for sig in names})
+    return f"step {collapse['step']}: {', '.join(signals)}"
+
+
 def format_markdown(comparison: dict) -> str:
     """Markdown table of a ``build_comparison`` result, with a legend."""
     runs = comparison["runs"]
@@ -358,8 +387,9 @@ def format_markdown(comparison: dict) -> str:
     for bench in comparison["benchmarks"]:
         ks = {r["eval"][bench]["k"] for r in runs if bench in r["eval"]}
         k = ks.pop() if len(ks) == 1 else "k"
-        header += [f"{bench} mean@{k}", f"{bench} pass@{k}"]
-    header += ["kept tokens", "kept frac", "generated tokens", "teacher-scored tokens", "step time (s)",
+        header += [f"{bench} mean@{k}", f"{bench} pass@{k}", f"{bench} end-of-turn", f"{bench} distinct-2",
+                   f"{bench} teacher NLL"]
+    header += ["collapse", "kept tokens", "kept frac", "generated tokens", "teacher-scored tokens", "step time (s)",
                "peak mem (GB)", "final loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in runs:
@@ -368,7 +398,12 @@ def format_markdown(comparison: dict) -> str:
         name = row["name"] + (" (baseline)" if row["baseline"] else "")
         cells = [name, config.replace("|", "\\|"), row["selector"], _fmt(row["ratio"], "g")]
         for bench in comparison["benchmarks"]:
-            cells += [_fmt_acc(row, bench, "mean"), _fmt_acc(row, bench, "pass")]
+            m = row["eval"].get(bench) or {}
+            eot = m.get("eot_rate")
+            cells += [_fmt_acc(row, bench, "mean"), _fmt_acc(row, bench, "pass"),
+                      "—" if eot is None else f"{100 * eot:.1f}", _fmt(m.get("distinct_2"), ".3f"),
+                      _fmt(m.get("teacher_nll"), ".3f")]
+        cells.append(_fmt_collapse(row.get("collapse")))
         step = _fmt(t["step_time"], ".3g")
         st_noise = row["noise"].get("step_time")
         if st_noise:
@@ -380,7 +415,8 @@ def format_markdown(comparison: dict) -> str:
     lines += ["", f"Baseline: {comparison['baseline']}. Accuracy in percent; (+x) = difference to the baseline, "
               f"'~' = within noise (|diff| < {comparison['accuracy_sigmas']:g} x binomial SE over problems); step "
               f"time '~' = within {100 * comparison['step_time_tolerance']:.0f}%. Teacher-scored tokens = generated "
-              "completion tokens (the teacher scores every generated token)."]
+              "completion tokens (the teacher scores every generated token). End-of-turn in percent of completions; "
+              "collapse: first validation step where the collapse rule fired, and its signals (docs/METHODS.md)."]
     return "\n".join(lines)
 
 

@@ -14,6 +14,10 @@ the reference answer). Per benchmark:
   rewards.
 - ``mean_length``: mean completion length in tokens (up to and including the first EOS);
   ``truncated_fraction``: share of completions that never produced an EOS within ``max_new_tokens``.
+- collapse signals (opsd.collapse, docs/METHODS.md "Collapse signals"): ``eot_rate`` (completions ending on a stop
+  / end-of-turn token such as ``<|im_end|>``), ``clipped_ratio`` (completions that hit ``max_new_tokens``),
+  ``distinct_1..3`` (distinct n-grams / n-grams over all completion tokens) and, with ``--teacher``,
+  ``teacher_nll`` (the model's mean NLL, nats/token, of the teacher's greedy completions of the same prompts).
 - ``std_err``: binomial standard error of ``mean@k`` over problems, ``sqrt(p (1 - p) / n_problems)`` (an upper
   bound for the spread of per-problem means in [0, 1]; opsd.compare uses it to call differences noise).
 
@@ -52,6 +56,7 @@ from pathlib import Path
 
 __all__ = [
     "BackendUnavailable",
+    "collapse_signals",
     "evaluate",
     "format_table",
     "load_benchmark",
@@ -122,15 +127,24 @@ def summarize_records(records: Sequence[dict], k: int) -> dict:
 
 
 def format_table(benchmarks: dict[str, dict]) -> str:
-    """Markdown table (percentages) of ``{benchmark: metrics}``."""
-    header = "| benchmark | problems | k | mean@k | pass@1 | pass@k | mean length | truncated |"
-    lines = [header, "|" + "---|" * 8]
+    """Markdown table (percentages) of ``{benchmark: metrics}``, with the collapse signals (opsd.collapse)."""
+    header = ("| benchmark | problems | k | mean@k | pass@1 | pass@k | mean length | truncated | end-of-turn | "
+              "distinct-2 | teacher NLL |")
+    lines = [header, "|" + "---|" * 11]
+
+    def opt(m, key, pct):
+        value = m.get(key)
+        if value is None:
+            return "—"
+        return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+
     for name, m in benchmarks.items():
         k = m["k"]
         lines.append(
             f"| {name} | {m['n_problems']} | {k} | {100 * m[f'mean@{k}']:.1f} ± {100 * m['std_err']:.1f} | "
             f"{100 * m['pass@1']:.1f} | {100 * m[f'pass@{k}']:.1f} | {m['mean_length']:.0f} | "
-            f"{100 * m['truncated_fraction']:.1f}% |"
+            f"{100 * m['truncated_fraction']:.1f}% | {opt(m, 'eot_rate', True)} | {opt(m, 'distinct_2', False)} | "
+            f"{opt(m, 'teacher_nll', False)} |"
         )
     return "\n".join(lines)
 
@@ -342,12 +356,31 @@ def _is_vllm(model) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def collapse_signals(model, tokenizer, prompt_ids: list[list[int]], samples, max_new_tokens: int,
+                     teacher_ids: list[list[int]] | None = None, batch_size: int = 8) -> dict[str, float]:
+    """opsd.collapse's signals of sampled completions: ``eot_rate``, ``clipped_ratio``, ``distinct_1..3`` and, with
+    ``teacher_ids`` (HF models only), ``teacher_nll`` (the model's mean NLL of the teacher's text, nats/token)."""
+    from .collapse import completion_metrics, stop_token_ids, teacher_text_nll
+
+    vllm = _is_vllm(model)
+    stop = stop_token_ids(tokenizer, [] if vllm else eos_token_ids(model, tokenizer))
+    completions = [ids for outs in samples for ids, _ in outs]
+    out = completion_metrics(completions, stop, max_new_tokens)
+    if teacher_ids is not None and not vllm:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        nll = teacher_text_nll(model, prompt_ids, teacher_ids, batch_size, pad)
+        if nll is not None:
+            out["teacher_nll"] = nll
+    return out
+
+
 def evaluate(model, tokenizer, dataset, k: int = 16, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 1024, batch_size: int = 8, seed: int = 0,
              reward_fn: Callable[[str, str], float] | None = None, *, top_k: int = 0,
              chat_template_kwargs: dict | None = None, max_prompt_length: int | None = None,
              max_completion_chars: int | None = None, progress: bool = True, desc: str = "eval",
-             lora_request=None, filter_overlong_prompts: bool = False) -> dict:
+             lora_request=None, filter_overlong_prompts: bool = False,
+             teacher_ids: list[list[int]] | None = None) -> dict:
     """Sample ``k`` completions per problem of ``dataset`` (``prompt``, ``answer``, optional ``id``), score them
     with ``reward_fn(completion_text, answer)`` (default: opsd.reward.math_reward) and return
     ``{"metrics": {...}, "records": [...]}`` (see the module docstring). ``model`` is a transformers causal LM, or a
@@ -355,7 +388,8 @@ def evaluate(model, tokenizer, dataset, k: int = 16, temperature: float = 1.0, t
     ``max_completion_chars`` cuts the stored completion texts (None: full text, 0: no texts stored).
     ``filter_overlong_prompts`` drops the problems whose prompt is longer than ``max_prompt_length`` (upstream's
     verl ``filter_overlong_prompts``) instead of keeping their last tokens; ``metrics["filtered_prompts"]`` counts
-    them."""
+    them. ``teacher_ids``: one teacher completion per problem (token ids, opsd.collapse.load_or_make_teacher_text);
+    when given (HF backend), ``teacher_nll`` is the model's mean NLL of that text."""
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1 token (MAX_PROMPT_LENGTH), got {max_prompt_length}.")
     if max_new_tokens < 1:
@@ -383,6 +417,8 @@ def evaluate(model, tokenizer, dataset, k: int = 16, temperature: float = 1.0, t
             raise ValueError(f"every prompt of {desc} is longer than max_prompt_length ({max_prompt_length} tokens, "
                              "MAX_PROMPT_LENGTH) and was filtered out; raise it.")
         prompts, answers, ids, prompt_ids = ([seq[i] for i in keep] for seq in (prompts, answers, ids, prompt_ids))
+        if teacher_ids is not None:  # one teacher text per problem: keep them aligned with the problems kept
+            teacher_ids = [teacher_ids[i] for i in keep]
 
     start = time.time()
     if _is_vllm(model):
@@ -405,6 +441,7 @@ def evaluate(model, tokenizer, dataset, k: int = 16, temperature: float = 1.0, t
         })
     metrics = summarize_records(records, k)
     metrics["filtered_prompts"] = filtered
+    metrics.update(collapse_signals(model, tokenizer, prompt_ids, samples, max_new_tokens, teacher_ids, batch_size))
     metrics["generation_seconds"] = generation_s
     metrics["scoring_seconds"] = time.time() - start - generation_s
     return {"metrics": metrics, "records": records}
@@ -458,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vLLM only.")
     p.add_argument("--tensor_parallel_size", type=int, default=1, help="vLLM only.")
     p.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
+    p.add_argument("--teacher", default=None, help="Local teacher model directory (same tokenizer as the model): "
+                   "its greedy completions of each benchmark's prompts (cached in OUTPUT_DIR/teacher_text_NAME.json) "
+                   "are scored by the model as teacher_nll, the collapse signal of docs/METHODS.md (HF backend).")
     return p
 
 
@@ -511,6 +551,10 @@ def run(args: argparse.Namespace) -> dict:
     from .reward import get_reward_fn
 
     benchmarks = parse_data_specs(args.data)
+    if args.teacher is not None and not os.path.isdir(args.teacher):
+        raise FileNotFoundError(f"--teacher {args.teacher!r} is not a local model directory.")
+    if args.teacher is not None and args.backend != "hf":
+        raise ValueError("--teacher (teacher-text NLL) needs --backend hf.")
     reward_fn = get_reward_fn(args.reward)
     dtype = _default_dtype(args.dtype)
     output_dir = args.output_dir or os.path.join(args.model, "eval")
@@ -531,15 +575,30 @@ def run(args: argparse.Namespace) -> dict:
         "data": {name: path for name, path in benchmarks},
     }
     os.makedirs(output_dir, exist_ok=True)
+    teacher = None
+    if args.teacher is not None:
+        teacher, teacher_tokenizer = load_model_and_tokenizer(args.teacher, dtype=dtype, device=args.device,
+                                                              attn_implementation=args.attn_implementation)
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"--teacher {args.teacher}: its tokenizer differs from the model's; teacher-text NLL "
+                             "needs a shared tokenizer.")
+        settings["teacher"] = args.teacher
     results = {}
     for name, path in benchmarks:
         dataset = load_benchmark(path, args.limit)
+        teacher_ids = None
+        if teacher is not None:
+            from .collapse import load_or_make_teacher_text
+
+            prompt_ids = tokenize_prompts(tokenizer, list(dataset["prompt"]), chat_kwargs, args.max_prompt_length)
+            teacher_ids = load_or_make_teacher_text(os.path.join(output_dir, f"teacher_text_{name}.json"), teacher,
+                                                    tokenizer, prompt_ids, args.max_new_tokens, args.batch_size)
         out = evaluate(model, tokenizer, dataset, k=args.k, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                        reward_fn=reward_fn, top_k=args.top_k, chat_template_kwargs=chat_kwargs,
                        max_prompt_length=args.max_prompt_length, max_completion_chars=args.max_completion_chars,
                        progress=not args.no_progress, desc=name, lora_request=lora_request,
-                       filter_overlong_prompts=args.filter_overlong_prompts)
+                       filter_overlong_prompts=args.filter_overlong_prompts, teacher_ids=teacher_ids)
         _write_json(os.path.join(output_dir, f"eval_{name}.json"),
                     {"benchmark": name, "data_file": path, "settings": settings, "metrics": out["metrics"],
                      "records": out["records"]})

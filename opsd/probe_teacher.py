@@ -21,7 +21,10 @@ Verdict (thresholds are this tool's heuristics, flags below; the paper gives no 
   the student has not seen (e.g. a same-family teacher that is distributionally indistinguishable from the student's
   view) brings nothing. Without answers this part is reported as unknown.
 Recovery suggestions follow the paper: off-policy cold start (python -m opsd.cold_start) for incompatible patterns,
-teacher-aligned prompts (python -m opsd.select_prompts).
+teacher-aligned prompts (python -m opsd.select_prompts). A student directory written by opsd.cold_start carries
+`cold_start_summary.json`; the probe then does not advise another cold start but says what to do next: a longer one
+only if it used few responses, otherwise a teacher that shares the student's base model (the base plus a small adapter
+that holds the new capability), or OPD with validation on so that the collapse rule (docs/METHODS.md) watches it.
 """
 
 from __future__ import annotations
@@ -113,9 +116,40 @@ def prompt_scores(stats: dict) -> dict:
     return {key: _mean(stats[key]) for key in STAT_KEYS} | {"tokens": int(stats["bucket"].numel())}
 
 
+#: a cold start on fewer kept teacher responses than this may simply have been too short
+SMALL_COLD_START = 500
+
+
+def cold_start_advice(cold_start: dict, teacher: str | None = None) -> str:
+    """What to do when a student that already had an off-policy cold start (its cold_start_summary.json) still
+    does not share the teacher's patterns."""
+    kept, steps = cold_start.get("kept"), cold_start.get("sft_steps")
+    done = (f"This student already had an off-policy cold start (opsd.cold_start: {kept} teacher responses, "
+            f"{steps} SFT steps, from {cold_start.get('teacher')}); another one on the same data will not change "
+            "this much.")
+    same_teacher = teacher is None or not cold_start.get("teacher") or \
+        os.path.realpath(str(cold_start["teacher"])) == os.path.realpath(str(teacher))
+    steps_next = []
+    if not same_teacher:
+        steps_next.append("the cold start used another teacher: probe against that one, or cold-start from this one")
+    if isinstance(kept, int) and kept < SMALL_COLD_START:
+        steps_next.append(f"a longer cold start only if it was short (it kept {kept} responses: more prompts "
+                          "--limit, --rollouts, --num_train_epochs) and the shared mass rose since the raw student")
+    steps_next.append("a teacher that shares the student's base model and way of writing (e.g. the student's base "
+                      "plus a small adapter trained on the new capability)")
+    steps_next.append("if you run OPD anyway, run it with validation (VAL_FILES, TEST_FREQ) so the collapse rule "
+                      "watches teacher-text NLL and the end-of-turn rate (--stop_on_collapse true "
+                      "stops it): on an incompatible pair reverse KL can fall while the student drifts away from "
+                      "the teacher's text")
+    return done + " Next: " + "; ".join(steps_next) + "."
+
+
 def verdict(diagnostics: dict, teacher_reward: float | None, student_reward: float | None,
-            compatible_mass: float = 0.9, min_gain: float = 0.05, min_kl: float = 0.01) -> dict:
-    """The plain-language verdict and its inputs (see the module docstring for the criterion)."""
+            compatible_mass: float = 0.9, min_gain: float = 0.05, min_kl: float = 0.01,
+            cold_start: dict | None = None, teacher: str | None = None) -> dict:
+    """The plain-language verdict and its inputs (see the module docstring for the criterion). ``cold_start``: the
+    student's cold-start metadata (opsd.cold_start.read_summary), which changes the advice for incompatible
+    patterns; ``teacher``: the probed teacher's directory (compared with the cold start's)."""
     mass = min(diagnostics.get("shared_mass_student") or 0.0, diagnostics.get("shared_mass_teacher") or 0.0)
     compatible = mass >= compatible_mass
     kl = diagnostics.get("reverse_kl") or 0.0
@@ -135,6 +169,9 @@ def verdict(diagnostics: dict, teacher_reward: float | None, student_reward: flo
                      f"{min_gain}) -> {'new capability' if new_capability else 'NO new capability'}")
     if compatible and new_capability:
         summary = "OPD is likely to work with this teacher."
+    elif not compatible and cold_start is not None:
+        summary = ("OPD is likely to stall: the teacher's distribution does not overlap the student's on the "
+                   "student's own trajectories. " + cold_start_advice(cold_start, teacher))
     elif not compatible:
         summary = ("OPD is likely to stall: the teacher's distribution does not overlap the student's on the "
                    "student's own trajectories. Try an off-policy cold start (python -m opsd.cold_start) or "
@@ -144,8 +181,11 @@ def verdict(diagnostics: dict, teacher_reward: float | None, student_reward: flo
                    "(pick a stronger or differently trained teacher, or harder prompts).")
     else:
         summary = "Patterns are compatible; whether the teacher adds capability is unknown without answers."
+    if cold_start is not None:
+        lines.append(f"student: cold-started by opsd.cold_start ({cold_start.get('kept')} teacher responses, "
+                     f"{cold_start.get('sft_steps')} SFT steps)")
     return {"compatible": compatible, "new_capability": new_capability, "distinguishable": distinguishable,
-            "shared_mass": mass, "summary": summary, "lines": lines}
+            "shared_mass": mass, "summary": summary, "lines": lines, "cold_start": cold_start is not None}
 
 
 def mean_reward(model, tokenizer, dataset, k: int, max_new_tokens: int, temperature: float, batch_size: int,
@@ -249,7 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            teacher_tokenizer=teacher_tokenizer)
     diagnostics = aggregate(per_prompt)
     t_reward, s_reward, _, _ = rewards_of_pair(args, dataset, student, tokenizer, teacher, teacher_tokenizer, kwargs)
-    result = verdict(diagnostics, t_reward, s_reward, args.compatible_mass, args.min_gain, args.min_kl)
+    from .cold_start import read_summary
+
+    result = verdict(diagnostics, t_reward, s_reward, args.compatible_mass, args.min_gain, args.min_kl,
+                     cold_start=read_summary(args.student), teacher=args.teacher)
     report = {"student": args.student, "teacher": args.teacher, "prompts": args.prompts, "n_prompts": len(dataset),
               "overlap_k": args.overlap_k, "diagnostics": diagnostics, "teacher_reward": t_reward,
               "student_reward": s_reward, "verdict": result}

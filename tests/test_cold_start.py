@@ -45,6 +45,7 @@ def test_cold_start_script_end_to_end(pair, tmp_path):
     summary = json.loads((out / "cold_start_summary.json").read_text())
     rows = [json.loads(line) for line in (out / "cold_start_data.jsonl").read_text().splitlines()]
     assert summary["generated"] == 12 and summary["kept"] == len(rows) > 0 and summary["sft_steps"] == 6
+    assert summary["kind"] == "opsd.cold_start" and summary["settings"]["rollouts"] == 2  # read by probe_teacher
     assert {"prompt", "completion", "reward"} <= set(rows[0])
     tok = load_tokenizer(str(out))  # a plain checkpoint with its tokenizer: what train_opd.sh's MODEL_PATH needs
     assert not (out / "adapter_config.json").exists()

@@ -151,3 +151,43 @@ def test_clear_errors(runs, tmp_path, capsys):
     assert "run_summary.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         C.load_run(str(tmp_path / "missing"))
+
+
+def test_collapse_columns(tmp_path):
+    """Collapse signals from eval_summary.json and the first flagged validation step from run_summary.json."""
+    root = str(tmp_path)
+    healthy = make_run(root, "lr5e-5", evals={"gsm": (0.5, 100)})
+    collapsed = make_run(root, "lr1e-4", evals={"gsm": (0.0, 100)}, lr=1e-4)
+    plain = make_run(root, "noval", evals={"gsm": (0.4, 100)}, lr=2e-4)
+    for path, eot, d2, nll, validation in (
+            (healthy, 1.0, 0.41, 0.2, [{"step": 0, "metrics": {}}, {"step": 10, "metrics": {}}]),
+            (collapsed, 0.0, 0.05, 1.25, [{"step": 0, "metrics": {}}, {"step": 5, "metrics": {}},
+                                          {"step": 10, "metrics": {}, "collapse": {"gsm": {"signals": {
+                                              "teacher_nll": {}, "eot_rate": {}}}}},
+                                          {"step": 15, "metrics": {}, "collapse": {"gsm": {"signals": {
+                                              "distinct_2": {}}}}}]),
+            (plain, None, None, None, None)):
+        summary_path = os.path.join(path, "run_summary.json")
+        summary = json.load(open(summary_path))
+        if validation is not None:
+            summary["validation"] = validation
+        json.dump(summary, open(summary_path, "w"))
+        eval_path = os.path.join(path, "eval", "eval_summary.json")
+        ev = json.load(open(eval_path))
+        if eot is not None:
+            ev["benchmarks"]["gsm"].update(eot_rate=eot, distinct_2=d2, teacher_nll=nll, clipped_ratio=1 - eot)
+        json.dump(ev, open(eval_path, "w"))
+    result = C.compare([healthy, collapsed, plain])
+    header, *rest = result["markdown"].splitlines()
+    for col in ("gsm end-of-turn", "gsm distinct-2", "gsm teacher NLL", "collapse"):
+        assert col in header
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in rest[1:4]}
+    cols = [c.strip(" |") for c in header.split(" | ")]
+    at = {name: cols.index(name) for name in ("gsm end-of-turn", "gsm distinct-2", "gsm teacher NLL", "collapse")}
+    healthy_row, collapsed_row, plain_row = rows["lr5e-5 (baseline)"], rows["lr1e-4"], rows["noval"]
+    assert [healthy_row[at[c]] for c in at] == ["100.0", "0.410", "0.200", "no"]
+    assert [collapsed_row[at[c]] for c in at] == ["0.0", "0.050", "1.250", "step 10: eot_rate, teacher_nll"]
+    assert [plain_row[at[c]] for c in at] == ["—", "—", "—", "—"]
+    by_name = {r["name"]: r for r in result["comparison"]["runs"]}
+    assert by_name["lr1e-4"]["collapse"] == {"step": 10, "sets": {"gsm": ["eot_rate", "teacher_nll"]}}
+    assert by_name["lr1e-4"]["eval"]["gsm"]["teacher_nll"] == pytest.approx(1.25)

@@ -228,3 +228,47 @@ def test_shell_wrapper(model_dir, prompts, tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "run_scripts", "eval_math.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "none of DATA_FILES" in proc.stderr
+
+
+def test_collapse_signals_and_teacher_nll(model_dir, prompts, tmp_path, capsys):
+    """eot_rate / clipped_ratio / distinct-n are reported for every benchmark; with --teacher the teacher's greedy
+    text is cached next to the results and the model's NLL of it equals a float64 recomputation."""
+    import torch
+
+    from opsd.collapse import distinct_n
+
+    teacher_dir = str(tmp_path / "teacher")
+    tok = make_tokenizer()
+    make_model(len(tok), seed=7, head_scale=6.0).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    out = str(tmp_path / "ev")
+    args = ["--model", model_dir, "--data", prompts, "--output_dir", out, "--teacher", teacher_dir, *SMALL]
+    assert E.main(args) == 0
+    m = read(os.path.join(out, "eval_summary.json"))["benchmarks"]["arith"]
+    assert m["eot_rate"] == pytest.approx(1 - m["truncated_fraction"])
+    assert m["clipped_ratio"] == pytest.approx(m["truncated_fraction"])
+    for n in (1, 2, 3):
+        assert 0.0 < m[f"distinct_{n}"] <= 1.0
+    cache = os.path.join(out, "teacher_text_arith.json")
+    cached = read(cache)
+    assert len(cached["teacher_ids"]) == 3 and cached["max_new_tokens"] == 6
+    model, _ = E.load_model_and_tokenizer(model_dir)
+    total, count = 0.0, 0
+    for p, c in zip(cached["prompt_ids"], cached["teacher_ids"]):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+        total -= sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
+        count += len(c)
+    assert m["teacher_nll"] == pytest.approx(total / count, rel=1e-5)
+    # the cache is reused (same prompts and length), and the table shows the new columns
+    stamp = os.path.getmtime(cache)
+    assert E.main(args) == 0 and os.path.getmtime(cache) == stamp
+    assert "end-of-turn" in read(os.path.join(out, "eval_summary.json"))["table_markdown"]
+    detail = read(os.path.join(out, "eval_arith.json"))
+    assert all(len(r["lengths"]) == 4 for r in detail["records"])
+    assert distinct_n([[1, 2, 3]], 1) == 1.0
+    # a teacher that is not a directory is an error before anything loads
+    capsys.readouterr()
+    assert E.main(["--model", model_dir, "--data", prompts, "--teacher", str(tmp_path / "nope"), *SMALL]) == 2
+    assert "--teacher" in capsys.readouterr().err

@@ -87,3 +87,46 @@ def test_cli_end_to_end(pair, tmp_path, capsys):
     assert "verdict:" in printed and "| shared_mass_teacher |" in printed
     with pytest.raises(SystemExit):
         main(["--student", pair[0], "--teacher", pair[1], "--prompts", prompts, "--rollouts", "0"])
+
+
+def test_advice_after_a_cold_start(pair, tmp_path, capsys):
+    """A student directory written by opsd.cold_start (its cold_start_summary.json) gets next steps, not another
+    cold start; a raw student still gets the cold start."""
+    import shutil
+
+    from opsd.cold_start import SUMMARY_FILE, read_summary
+
+    d = {"shared_mass_student": 0.3, "shared_mass_teacher": 0.25, "reverse_kl": 2.0}
+    raw = verdict(d, 0.6, 0.1)
+    assert "Try an off-policy cold start" in raw["summary"] and raw["cold_start"] is False
+    meta = {"kind": "opsd.cold_start", "teacher": pair[1], "kept": 120, "sft_steps": 45}
+    after = verdict(d, 0.6, 0.1, cold_start=meta, teacher=pair[1])
+    assert after["cold_start"] is True and after["compatible"] is False
+    assert "Try an off-policy cold start" not in after["summary"]
+    assert "already had an off-policy cold start" in after["summary"] and "120 teacher responses" in after["summary"]
+    assert "shares the student's base model" in after["summary"] and "collapse rule" in after["summary"]
+    assert "longer cold start only if it was short" in after["summary"]  # 120 < SMALL_COLD_START responses
+    assert "another teacher" not in after["summary"]
+    big_other = verdict(d, 0.6, 0.1, cold_start={**meta, "kept": 5000, "teacher": str(tmp_path)}, teacher=pair[1])
+    assert "longer cold start" not in big_other["summary"] and "another teacher" in big_other["summary"]
+    # compatible after the cold start: the usual verdict, with the cold start noted
+    ok = verdict({"shared_mass_student": 0.95, "shared_mass_teacher": 0.94, "reverse_kl": 0.3}, 0.6, 0.1,
+                 cold_start=meta)
+    assert "likely to work" in ok["summary"] and any("cold-started" in line for line in ok["lines"])
+
+    # through the CLI: the metadata in the student directory is what the probe reads
+    student = tmp_path / "cold"
+    shutil.copytree(pair[0], student)
+    assert read_summary(str(student)) is None
+    (student / SUMMARY_FILE).write_text(json.dumps(meta))
+    assert read_summary(str(student))["kept"] == 120
+    prompts = write_prompts(str(tmp_path / "p.jsonl"), n=2)
+    out = tmp_path / "probe.json"
+    assert main(["--student", str(student), "--teacher", pair[1], "--prompts", prompts, "--max_new_tokens", "4",
+                 "--eval_k", "0", "--output", str(out), "--compatible_mass", "1.01"]) == 0
+    report = json.loads(out.read_text())
+    assert report["verdict"]["cold_start"] is True
+    assert "already had an off-policy cold start" in report["verdict"]["summary"]
+    # metadata of another kind is not a cold start
+    (student / SUMMARY_FILE).write_text(json.dumps({"kind": "something-else"}))
+    assert read_summary(str(student)) is None
