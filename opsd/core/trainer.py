@@ -32,7 +32,7 @@ from trl.trainer.utils import (
 )
 
 from .config import OPDConfig
-from .heads import LMHead, head_of
+from .heads import LMHead, head_of, weight_rows
 from .losses import weighted_divergence_loss
 from .memory import peak_memory_gb
 from .models import load_causal_lm, resolve_distill_vocab
@@ -72,7 +72,10 @@ def whole_heads(*heads: LMHead):
     placeholders outside their module's forward (gathered read-only with `GatheredParameters` while the context is
     open). Anything computed inside must not keep references to ZeRO-3 weights after the context closes.
     """
-    partitioned = [t for h in heads for t in (h.weight, h.bias) if t is not None and hasattr(t, "ds_id")]
+    # ZeRO-3: only weights that are partitioned now; one an enclosing ZeRO-3 hook has gathered (the student's head,
+    # an external parameter of the student's forward, see _zero3_gather_student_head) stays that hook's to release.
+    partitioned = [t for h in heads for t in (h.weight, h.bias)
+                   if t is not None and hasattr(t, "ds_id") and t.ds_status.name == "NOT_AVAILABLE"]
     gather = contextlib.nullcontext()
     if partitioned:
         import deepspeed
@@ -143,6 +146,7 @@ class OPDTrainer(DistillationTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
+        self._zero3_gather_student_head()
         if args.teacher_offload:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError("teacher_offload is for single-process/DDP runs; with DeepSpeed ZeRO-3 or FSDP the "
@@ -160,6 +164,32 @@ class OPDTrainer(DistillationTrainer):
             reward_fn = get_reward_fn(args.reward_function)
         self.reward_fn = reward_fn
 
+    _zero3_heads = False  # set under DeepSpeed ZeRO-3 by _zero3_gather_student_head
+
+    def _loss_backend(self) -> str:
+        """divergence_backend, with `auto` meaning fused under ZeRO-3 (the one backend whose backward reads no head)."""
+        return "fused" if self._zero3_heads else self.args.divergence_backend
+
+    def _zero3_gather_student_head(self) -> None:
+        """DeepSpeed ZeRO-3: the loss projects through the student's lm_head weights directly (the lm_head module's
+        forward never runs), so ZeRO-3 would leave them partitioned (empty). Registered as external parameters of the
+        student's top module, they are gathered for the whole wrapped forward (where `_compute_loss` runs) and again
+        in its backward, where the head's gradient is accumulated before ZeRO-3 reduce-scatters it."""
+        if not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            return
+        if self.args.divergence_backend in ("trl", "chunked"):
+            raise ValueError(f"divergence_backend={self.args.divergence_backend} recomputes the teacher's logits in "
+                             "backward, where ZeRO-3 has partitioned the teacher's lm_head again: use fused (the "
+                             "default under ZeRO-3).")
+        import deepspeed
+
+        self._zero3_heads = True
+        student = self.accelerator.unwrap_model(self.model)
+        head = student.get_output_embeddings()
+        for param in (head.weight, getattr(head, "bias", None)):
+            if isinstance(param, torch.nn.Parameter) and param.requires_grad:
+                deepspeed.zero.register_external_parameter(student, param)
+
     def _check_prompts_fit_the_tokenizer(self, dataset) -> None:
         """Conversational prompts need a chat template: fail at start, not at step 1."""
         if dataset is None or not hasattr(dataset, "__getitem__") or not len(dataset):
@@ -176,7 +206,7 @@ class OPDTrainer(DistillationTrainer):
         more rows than the distilled vocabulary could sample a padding id, which the teacher cannot embed
         (IndexError on CPU, a device-side assert on CUDA). Those ids are suppressed in generation.
         """
-        rows = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        rows = weight_rows(self.accelerator.unwrap_model(self.model).get_output_embeddings().weight)
         if rows <= self.distill_vocab_size:
             return
         padding_ids = list(range(self.distill_vocab_size, rows))
@@ -435,6 +465,14 @@ class OPDTrainer(DistillationTrainer):
 
     # ----- loss ------------------------------------------------------------------------------------------------
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch=None):
+        # whole_heads: FSDP2's DTensor shards gathered (differentiably); under ZeRO-3 the teacher's partitioned head
+        # is gathered read-only for this forward (the fused loss computes its gradients in forward, so backward
+        # does not read it) and the student's is already whole here (_zero3_gather_student_head).
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with whole_heads(*self._heads(unwrapped_student, unwrapped_teacher)) as (s_head, t_head):
+            return self._compute_loss_with_heads(unwrapped_student, inputs, s_head, t_head)
+
+    def _compute_loss_with_heads(self, unwrapped_student, inputs, s_head, t_head):
         input_ids, attention_mask, logits_to_keep = self._model_inputs(inputs)
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
         factors = inputs["loss_weights"].reshape(-1)
@@ -442,15 +480,12 @@ class OPDTrainer(DistillationTrainer):
         teacher_hidden = inputs.get("teacher_hidden")
         if teacher_hidden is None:
             teacher_hidden = self._teacher_hidden(inputs)
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        s_head, t_head = (dataclasses.replace(h, weight=_whole(h.weight), bias=_whole(h.bias))
-                          for h in self._heads(unwrapped_student, unwrapped_teacher))
         h_s = hidden.reshape(-1, hidden.shape[-1])[rows].to(s_head.weight.device)
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(t_head.weight.device)
         if self.args.loss_support == "full":
             loss, divergence, entropy = weighted_divergence_loss(h_s, s_head, h_t, t_head,
                                                                  factors[rows].to(h_s.device), self.beta,
-                                                                 self.temperature, self.args.divergence_backend,
+                                                                 self.temperature, self._loss_backend(),
                                                                  self.args.chunk_size)
         else:  # top-k / sampled-token estimators (opsd.core.estimators)
             divergence, entropy = self._estimated_divergence(h_s, s_head, h_t, t_head,
