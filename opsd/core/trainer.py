@@ -97,6 +97,24 @@ class OPDTrainer(DistillationTrainer):
     _name = "OPD (opsd-tip)"
     model_card_extra = ""  # markdown appended to TRL's model card (opsd.train: the method, selector and papers)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        self._fsdp_on_cpu_processes()
+
+    def _fsdp_on_cpu_processes(self) -> None:
+        """FSDP on CPU processes (gloo), as `accelerate launch` with an FSDP config starts them on a machine without
+        GPUs (run_scripts/train_opd.sh, NPROC>1 with ACCELERATE_CONFIG): accelerate 1.16 attaches its FSDP plugin
+        only for accelerator devices and would silently fall back to DDP; here the plugin (read from the FSDP_*
+        variables the launcher sets) is attached to the CPU processes, so the same config shards on CPU."""
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            return
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        self.is_fsdp_enabled = True
+
     def create_model_card(self, *args, **kwargs):
         super().create_model_card(*args, **kwargs)
         if self.model_card_extra and self.is_world_process_zero():
