@@ -106,12 +106,14 @@ class OPDTrainer(DistillationTrainer):
         GPUs (run_scripts/train_opd.sh, NPROC>1 with ACCELERATE_CONFIG): accelerate 1.16 attaches its FSDP plugin
         only for accelerator devices and would silently fall back to DDP; here the plugin (read from the FSDP_*
         variables the launcher sets) is attached to the CPU processes, so the same config shards on CPU."""
+        from accelerate import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 
         state = self.accelerator.state
         if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
             return
-        state.distributed_type = DistributedType.FSDP
+        # both shared states: every later AcceleratorState() copies PartialState's distributed_type over its own
+        PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
         self.is_fsdp_enabled = True
 
