@@ -72,8 +72,8 @@ def whole_heads(*heads: LMHead):
     placeholders outside their module's forward (gathered read-only with `GatheredParameters` while the context is
     open). Anything computed inside must not keep references to ZeRO-3 weights after the context closes.
     """
-    # ZeRO-3: only weights that are partitioned now; one an enclosing ZeRO-3 hook has gathered (the student's head,
-    # an external parameter of the student's forward, see _zero3_gather_student_head) stays that hook's to release.
+    # ZeRO-3: only weights that are partitioned now; one a ZeRO-3 module hook holds gathered (a tied embedding inside
+    # the model's forward) stays that hook's to release.
     partitioned = [t for h in heads for t in (h.weight, h.bias)
                    if t is not None and hasattr(t, "ds_id") and t.ds_status.name == "NOT_AVAILABLE"]
     gather = contextlib.nullcontext()
@@ -166,7 +166,7 @@ class OPDTrainer(DistillationTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
-        self._zero3_gather_student_head()
+        self._check_zero3_loss_backend()
         if args.teacher_offload:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError("teacher_offload is for single-process/DDP runs; with DeepSpeed ZeRO-3 or FSDP the "
@@ -184,31 +184,24 @@ class OPDTrainer(DistillationTrainer):
             reward_fn = get_reward_fn(args.reward_function)
         self.reward_fn = reward_fn
 
-    _zero3_heads = False  # set under DeepSpeed ZeRO-3 by _zero3_gather_student_head
+    _zero3_heads = False  # set under DeepSpeed ZeRO-3 by _check_zero3_loss_backend
 
     def _loss_backend(self) -> str:
         """divergence_backend, with `auto` meaning fused under ZeRO-3 (the one backend whose backward reads no head)."""
         return "fused" if self._zero3_heads else self.args.divergence_backend
 
-    def _zero3_gather_student_head(self) -> None:
-        """DeepSpeed ZeRO-3: the loss projects through the student's lm_head weights directly (the lm_head module's
-        forward never runs), so ZeRO-3 would leave them partitioned (empty). Registered as external parameters of the
-        student's top module, they are gathered for the whole wrapped forward (where `_compute_loss` runs) and again
-        in its backward, where the head's gradient is accumulated before ZeRO-3 reduce-scatters it."""
+    def _check_zero3_loss_backend(self) -> None:
+        """DeepSpeed ZeRO-3: the loss reads both lm_heads outside their modules' forward, so `_compute_loss` gathers
+        them (whole_heads) for its forward only. The fused backend computes the head's gradient there and backward
+        only hands it on (DeepSpeed reduce-scatters it as any other); trl/chunked recompute logits in backward, when
+        the heads are partitioned again, so they are refused and `auto` means fused."""
         if not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
             return
         if self.args.divergence_backend in ("trl", "chunked"):
-            raise ValueError(f"divergence_backend={self.args.divergence_backend} recomputes the teacher's logits in "
-                             "backward, where ZeRO-3 has partitioned the teacher's lm_head again: use fused (the "
-                             "default under ZeRO-3).")
-        import deepspeed
-
+            raise ValueError(f"divergence_backend={self.args.divergence_backend} recomputes logits in backward, where "
+                             "DeepSpeed ZeRO-3 has partitioned the lm_heads again: use fused (what auto means under "
+                             "ZeRO-3).")
         self._zero3_heads = True
-        student = self.accelerator.unwrap_model(self.model)
-        head = student.get_output_embeddings()
-        for param in (head.weight, getattr(head, "bias", None)):
-            if isinstance(param, torch.nn.Parameter) and param.requires_grad:
-                deepspeed.zero.register_external_parameter(student, param)
 
     def _check_prompts_fit_the_tokenizer(self, dataset) -> None:
         """Conversational prompts need a chat template: fail at start, not at step 1."""
@@ -485,9 +478,8 @@ class OPDTrainer(DistillationTrainer):
 
     # ----- loss ------------------------------------------------------------------------------------------------
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch=None):
-        # whole_heads: FSDP2's DTensor shards gathered (differentiably); under ZeRO-3 the teacher's partitioned head
-        # is gathered read-only for this forward (the fused loss computes its gradients in forward, so backward
-        # does not read it) and the student's is already whole here (_zero3_gather_student_head).
+        # whole_heads: FSDP2's DTensor shards gathered (differentiably); ZeRO-3's partitioned heads gathered for this
+        # forward only (the fused loss computes the gradients here; _check_zero3_loss_backend).
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with whole_heads(*self._heads(unwrapped_student, unwrapped_teacher)) as (s_head, t_head):
             return self._compute_loss_with_heads(unwrapped_student, inputs, s_head, t_head)
