@@ -15,6 +15,7 @@ returns without training. The final directory gets a model card naming the metho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -143,10 +144,11 @@ def resolve_resume(train_args: OPDConfig, overwrite: bool):
         if overwrite:
             import shutil
 
+            # every process of a multi-process run gets here: whichever deletes a file first, the others carry on
             for path in old:
-                shutil.rmtree(path)
+                shutil.rmtree(path, ignore_errors=True)
             for name in (SUMMARY_FILE, "validation.jsonl"):
-                if os.path.exists(os.path.join(output_dir, name)):
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(output_dir, name))
         return None
     if isinstance(resume, str) and resume.lower() in ("true", "latest", "1", "yes"):

@@ -104,7 +104,13 @@ def test_zero3_two_processes_through_train_tip_match_one_process(pair, one_proce
 
 def test_fsdp2_two_processes_through_train_tip_match_one_process(pair, one_process, tmp_path):
     prompts, _ = one_process
-    result = train_tip(pair, prompts, tmp_path / "fsdp2", NPROC="2",
+    # an earlier run's checkpoints, which OVERWRITE=1 deletes: every process deletes them, none may trip on another
+    for step in range(1, 40):
+        old = tmp_path / "fsdp2" / f"checkpoint-{step}"
+        old.mkdir(parents=True)
+        for name in ("trainer_state.json", "training_args.bin", "model.safetensors", "optimizer.bin"):
+            (old / name).write_text("{}")
+    result = train_tip(pair, prompts, tmp_path / "fsdp2", NPROC="2", OVERWRITE="1",
                        ACCELERATE_CONFIG="run_scripts/accelerate/fsdp2.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "accelerate.commands.launch --config_file run_scripts/accelerate/fsdp2.yaml --num_processes 2" in \
@@ -112,6 +118,7 @@ def test_fsdp2_two_processes_through_train_tip_match_one_process(pair, one_proce
     # accelerate's FSDP checkpoint files (a DDP run writes neither)
     saved = set(os.listdir(tmp_path / "fsdp2" / f"checkpoint-{STEPS}"))
     assert {"pytorch_model_fsdp.bin", "optimizer.bin"} <= saved
+    assert sorted(p.name for p in (tmp_path / "fsdp2").glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]
     check_matches_one_process(pair, one_process, tmp_path / "fsdp2")
 
 
