@@ -131,3 +131,18 @@ def test_accelerate_config_on_cpu_errors_name_the_variable(pair, tmp_path):
     odd.write_text("distributed_type: XLA\nnum_processes: 2\n")
     refused = train_tip(pair, prompts, tmp_path / "y", NPROC="2", ACCELERATE_CONFIG=str(odd))
     assert refused.returncode == 2 and "distributed_type 'XLA' cannot run on CPU processes" in refused.stderr
+
+
+def test_weight_rows_of_a_zero3_placeholder_is_its_real_row_count():
+    """Models loaded under ZeRO-3's zero.Init hold empty placeholders; their real shape is `ds_shape`. Reading
+    `.shape` there made the distilled vocabulary 0 rows (the loss then refused the heads)."""
+    from opsd.core.heads import head_of, weight_rows
+    from support import make_model
+
+    model = make_model(128)
+    assert weight_rows(model.lm_head.weight) == 128
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = torch.Size([128, 64])
+    assert weight_rows(placeholder) == 128
+    model.lm_head.weight = placeholder
+    assert head_of(model, 128).vocab_size is None and head_of(model, 100).vocab_size == 100
