@@ -169,8 +169,8 @@ class OPDTrainer(DistillationTrainer):
         self._check_zero3_loss_backend()
         if args.teacher_offload:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError("teacher_offload is for single-process/DDP runs; with DeepSpeed ZeRO-3 or FSDP the "
-                                 "teacher is sharded instead (see run_scripts/accelerate/).")
+                raise ValueError("teacher_offload is for single-process/DDP runs; with DeepSpeed ZeRO-3 the teacher "
+                                 "is sharded instead, with FSDP each process holds it whole (run_scripts/accelerate/).")
             self._place_teacher(torch.device("cpu"))
         self.token_selector = token_selector
         self._check_prompts_fit_the_tokenizer(train_dataset)
@@ -194,13 +194,18 @@ class OPDTrainer(DistillationTrainer):
         """DeepSpeed ZeRO-3: the loss reads both lm_heads outside their modules' forward, so `_compute_loss` gathers
         them (whole_heads) for its forward only. The fused backend computes the head's gradient there and backward
         only hands it on (DeepSpeed reduce-scatters it as any other); trl/chunked recompute logits in backward, when
-        the heads are partitioned again, so they are refused and `auto` means fused."""
+        the heads are partitioned again, so they are refused and `auto` means fused; so are the loss_support
+        estimators, which do the same (measured: "size mismatch ... vec (0)" in backward)."""
         if not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
             return
         if self.args.divergence_backend in ("trl", "chunked"):
             raise ValueError(f"divergence_backend={self.args.divergence_backend} recomputes logits in backward, where "
                              "DeepSpeed ZeRO-3 has partitioned the lm_heads again: use fused (what auto means under "
                              "ZeRO-3).")
+        if self.args.loss_support != "full":
+            raise ValueError(f"loss_support={self.args.loss_support} recomputes logits in backward, where DeepSpeed "
+                             "ZeRO-3 has partitioned the lm_heads again: use loss_support=full under ZeRO-3 (or "
+                             "FSDP2/DDP for the estimators).")
         self._zero3_heads = True
 
     def _check_prompts_fit_the_tokenizer(self, dataset) -> None:
