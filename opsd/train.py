@@ -204,6 +204,23 @@ def _check_vllm(train_args: OPDConfig) -> None:
         raise SystemExit(f"error: --vllm_mode (VLLM_MODE) must be colocate or server, got {train_args.vllm_mode!r}.")
 
 
+def _check_zero3(train_args: OPDConfig) -> None:
+    """Under `accelerate launch` with a ZeRO-3 config (run_scripts/accelerate/zero3.yaml): the settings OPDTrainer
+    refuses there (they recompute logits in backward, when ZeRO-3 has partitioned the lm_heads), named before any
+    model loads."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true" or \
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") != "3":
+        return
+    if train_args.divergence_backend in ("trl", "chunked"):
+        raise SystemExit(f"error: --divergence_backend {train_args.divergence_backend} does not run under DeepSpeed "
+                         "ZeRO-3 (it recomputes logits in backward, when the lm_heads are partitioned): use fused or "
+                         "auto.")
+    if train_args.loss_support != "full":
+        raise SystemExit(f"error: --loss_support {train_args.loss_support} does not run under DeepSpeed ZeRO-3 (its "
+                         "estimators recompute logits in backward, when the lm_heads are partitioned): use full, or "
+                         "FSDP2/DDP (ACCELERATE_CONFIG=run_scripts/accelerate/fsdp2.yaml).")
+
+
 def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callable | None = None,
          prog: str = "python -m opsd.train") -> dict:
     """Parse, build the trainer, train, save. `make_selector(extra_args, train_args)` returns a TokenSelector."""
@@ -212,6 +229,7 @@ def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callab
     data_args, model_args, train_args, val_args, *extra_args = parser.parse_args_and_config(args=argv)
     config = resolved_config(data_args, model_args, train_args, val_args, *extra_args)
     _check_vllm(train_args)
+    _check_zero3(train_args)
     if data_args.dry_run:
         print(json.dumps(config, indent=2, sort_keys=True))
         return {"config": config}

@@ -133,6 +133,34 @@ def test_accelerate_config_on_cpu_errors_name_the_variable(pair, tmp_path):
     assert refused.returncode == 2 and "distributed_type 'XLA' cannot run on CPU processes" in refused.stderr
 
 
+def test_zero3_refuses_backward_recompute_before_models_load(pair, tmp_path):
+    """The chunked backend recomputes logits in backward, when ZeRO-3 has partitioned the heads (measured: a size
+    mismatch there); the launched processes say so before loading a model."""
+    prompts = write_prompts(str(tmp_path / "p.jsonl"))
+    result = train_tip(pair, prompts, tmp_path / "z", NPROC="2", EXTRA_ARGS="--divergence_backend chunked",
+                       ACCELERATE_CONFIG="run_scripts/accelerate/zero3.yaml")
+    assert result.returncode != 0 and "error: --divergence_backend chunked does not run under DeepSpeed ZeRO-3" in \
+        result.stderr
+    assert "size mismatch" not in result.stderr and not (tmp_path / "z" / "run_summary.json").exists()
+
+
+@pytest.mark.parametrize("setting, message", [(dict(divergence_backend="trl"), "--divergence_backend trl"),
+                                              (dict(loss_support="sampled"), "--loss_support sampled")])
+def test_zero3_check_reads_the_launcher_environment(monkeypatch, tmp_path, setting, message):
+    from opsd.core.config import OPDConfig
+    from opsd.train import _check_zero3
+
+    args = OPDConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **setting)
+    _check_zero3(args)  # not launched with a ZeRO-3 config: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    _check_zero3(args)  # ZeRO-2 keeps whole parameters
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(SystemExit, match=f"error: {message} does not run under DeepSpeed ZeRO-3"):
+        _check_zero3(args)
+    _check_zero3(OPDConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True))  # the defaults run
+
+
 def test_weight_rows_of_a_zero3_placeholder_is_its_real_row_count():
     """Models loaded under ZeRO-3's zero.Init hold empty placeholders; their real shape is `ds_shape`. Reading
     `.shape` there made the distilled vocabulary 0 rows (the loss then refused the heads)."""
