@@ -72,7 +72,8 @@ def logit_scale_of(config) -> float:
 
 def weight_rows(weight: torch.Tensor) -> int:
     """Rows of a (possibly sharded) weight: DeepSpeed ZeRO-3 leaves an empty placeholder with the real shape in
-    `ds_shape` (models loaded under zero.Init are partitioned from the start); FSDP2's DTensor reports the global one."""
+    `ds_shape` (models loaded under zero.Init are partitioned from the start); an FSDP2 DTensor reports the global
+    shape itself."""
     shape = getattr(weight, "ds_shape", None)
     return int(shape[0]) if shape is not None else weight.shape[0]
 
