@@ -97,6 +97,9 @@ opsd_accelerate_cpu_cmd() {
     DEEPSPEED)
       opsd_has_module deepspeed || opsd_die "ACCELERATE_CONFIG=$config uses DeepSpeed but $PYTHON cannot import \
 deepspeed: pip install deepspeed==0.19.8 (requirements-test.txt)"
+      # on CPU DeepSpeed JIT-compiles its shared-memory collective op when it starts (once per install, cached in
+      # ~/.cache/torch_extensions) and fails without a C++ compiler
+      command -v "${CXX:-c++}" >/dev/null 2>&1 || opsd_die "ACCELERATE_CONFIG=$config: DeepSpeed on CPU compiles an op at start and needs a C++ compiler with OpenMP ('${CXX:-c++}' not found; e.g. apt-get install g++)"
       flags=(--ddp_backend gloo) ;;
     FSDP|MULTI_GPU|MULTI_CPU) flags=(--use_cpu true) ;;
     *) opsd_die "ACCELERATE_CONFIG=$config: distributed_type '$kind' cannot run on CPU processes (DEEPSPEED, FSDP or \
