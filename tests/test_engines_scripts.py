@@ -131,6 +131,10 @@ def test_accelerate_config_on_cpu_errors_name_the_variable(pair, tmp_path):
     odd.write_text("distributed_type: XLA\nnum_processes: 2\n")
     refused = train_tip(pair, prompts, tmp_path / "y", NPROC="2", ACCELERATE_CONFIG=str(odd))
     assert refused.returncode == 2 and "distributed_type 'XLA' cannot run on CPU processes" in refused.stderr
+    # DeepSpeed on CPU compiles an op at start (measured: without a compiler it dies there with a CalledProcessError)
+    no_compiler = train_tip(pair, prompts, tmp_path / "z", NPROC="2", CXX=str(tmp_path / "no-c++"),
+                            ACCELERATE_CONFIG="run_scripts/accelerate/zero3.yaml")
+    assert no_compiler.returncode == 2 and "needs a C++ compiler" in no_compiler.stderr
 
 
 def test_zero3_refuses_backward_recompute_before_models_load(pair, tmp_path):
