@@ -86,9 +86,10 @@ opsd_has_module() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib
 # ----- accelerate engines on CPU processes (ZeRO-3, FSDP, DDP configs without a GPU) ---------------------------
 #   opsd_accelerate_cpu_cmd NPROC PORT ENTRY   set cmd=(...): `accelerate launch` of ENTRY with $ACCELERATE_CONFIG on
 #                                              NPROC CPU processes (gloo), plus the training flags that engine needs
-# Reads ACCELERATE_CONFIG, DTYPE, PYTHON. accelerate 1.16 runs DeepSpeed only in processes not marked CPU, so those
-# get --ddp_backend gloo instead of --use_cpu; FSDP and DDP configs get --use_cpu true (opsd's trainer attaches the
-# FSDP plugin to the CPU processes). Mixed precision follows DTYPE (bf16 only with DTYPE=bfloat16), not the config.
+# Reads ACCELERATE_CONFIG, DTYPE, PYTHON, CXX; exports TORCH_EXTENSIONS_DIR [$OPSD_ROOT/.cache/torch_extensions] for
+# DeepSpeed. accelerate 1.16 runs DeepSpeed only in processes not marked CPU, so those get --ddp_backend gloo instead
+# of --use_cpu; FSDP and DDP configs get --use_cpu true (opsd's trainer attaches the FSDP plugin to the CPU
+# processes). Mixed precision follows DTYPE (bf16 only with DTYPE=bfloat16), not the config.
 opsd_accelerate_cpu_cmd() {
   local config=$ACCELERATE_CONFIG kind precision=no flags=()
   [ -f "$config" ] || opsd_die "ACCELERATE_CONFIG=$config is not a file (run_scripts/accelerate/*.yaml)"
@@ -97,9 +98,12 @@ opsd_accelerate_cpu_cmd() {
     DEEPSPEED)
       opsd_has_module deepspeed || opsd_die "ACCELERATE_CONFIG=$config uses DeepSpeed but $PYTHON cannot import \
 deepspeed: pip install deepspeed==0.19.8 (requirements-test.txt)"
-      # on CPU DeepSpeed JIT-compiles its shared-memory collective op when it starts (once per install, cached in
-      # ~/.cache/torch_extensions) and fails without a C++ compiler
-      command -v "${CXX:-c++}" >/dev/null 2>&1 || opsd_die "ACCELERATE_CONFIG=$config: DeepSpeed on CPU compiles an op at start and needs a C++ compiler with OpenMP ('${CXX:-c++}' not found; e.g. apt-get install g++)"
+      # on CPU DeepSpeed JIT-compiles its shared-memory collective op when it starts (once, cached in
+      # TORCH_EXTENSIONS_DIR) and fails without a C++ compiler
+      command -v "${CXX:-c++}" >/dev/null 2>&1 || opsd_die "ACCELERATE_CONFIG=$config: DeepSpeed on CPU compiles an \
+op at start and needs a C++ compiler with OpenMP ('${CXX:-c++}' not found; e.g. apt-get install g++)"
+      # a cache per checkout: torch's shared ~/.cache one rebuilds whenever another install path compiled in between
+      export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$OPSD_ROOT/.cache/torch_extensions}
       flags=(--ddp_backend gloo) ;;
     FSDP|MULTI_GPU|MULTI_CPU) flags=(--use_cpu true) ;;
     *) opsd_die "ACCELERATE_CONFIG=$config: distributed_type '$kind' cannot run on CPU processes (DEEPSPEED, FSDP or \
