@@ -19,6 +19,7 @@ returns without training. The final directory gets a model card naming the metho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -149,10 +150,11 @@ def resolve_resume(train_args: OPDConfig, overwrite: bool):
         if overwrite:
             import shutil
 
+            # every process of a multi-process run gets here: whichever deletes a file first, the others carry on
             for path in old:
-                shutil.rmtree(path)
+                shutil.rmtree(path, ignore_errors=True)
             for name in (SUMMARY_FILE, "validation.jsonl"):
-                if os.path.exists(os.path.join(output_dir, name)):
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(output_dir, name))
         return None
     if overwrite:
@@ -215,6 +217,23 @@ def _check_vllm(train_args: OPDConfig) -> None:
         raise UserError(f"--vllm_mode (VLLM_MODE) must be colocate or server, got {train_args.vllm_mode!r}.")
 
 
+def _check_zero3(train_args: OPDConfig) -> None:
+    """Under `accelerate launch` with a ZeRO-3 config (run_scripts/accelerate/zero3.yaml): the settings OPDTrainer
+    refuses there (they recompute logits in backward, when ZeRO-3 has partitioned the lm_heads), named before any
+    model loads."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true" or \
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") != "3":
+        return
+    if train_args.divergence_backend in ("trl", "chunked"):
+        raise UserError(f"--divergence_backend {train_args.divergence_backend} does not run under DeepSpeed "
+                         "ZeRO-3 (it recomputes logits in backward, when the lm_heads are partitioned): use fused or "
+                         "auto.")
+    if train_args.loss_support != "full":
+        raise UserError(f"--loss_support {train_args.loss_support} does not run under DeepSpeed ZeRO-3 (its "
+                         "estimators recompute logits in backward, when the lm_heads are partitioned): use full, or "
+                         "FSDP2/DDP (ACCELERATE_CONFIG=run_scripts/accelerate/fsdp2.yaml).")
+
+
 def main(argv: list[str] | None = None, extra: tuple = (), make_selector: Callable | None = None,
          prog: str = "python -m opsd.train") -> dict:
     """Parse, check, build the trainer, train, save. `make_selector(extra_args, train_args)` returns a
@@ -247,6 +266,7 @@ def _main(argv, extra, make_selector, prog) -> dict:
                         "afresh): set only one.")
     if name_of(train_args.reward_function) == "none" and (val_args.enabled or (train_args.reward_beta or 0) > 0):
         raise UserError("--reward_function none (REWARD_FUNCTION), but validation and reward weighting need a reward.")
+    _check_zero3(train_args)
     preflight(data_args, model_args, train_args, val_args)
     if data_args.dry_run:
         print(json.dumps(config, indent=2, sort_keys=True))

@@ -13,6 +13,7 @@
 #   opsd_bool NAME VALUE     print true/false for 1/true/yes/on or 0/false/no/off (any case); error naming NAME
 #   opsd_int NAME VALUE      check VALUE is an integer (negative allowed); error naming NAME
 #   opsd_has_module MOD      true when $PYTHON can import MOD
+#   opsd_accelerate_cpu_cmd  `accelerate launch` of an ACCELERATE_CONFIG on CPU processes (see its block at the end)
 # Variables read: PYTHON_BIN, VENV. Sets: OPSD_ROOT (repository root), OPSD_SCRIPT (calling script's name).
 
 OPSD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -154,4 +155,35 @@ opsd_refuse_agent_vars() {
   [ -z "$set" ] || opsd_die "${set# } set: upstream's agent script (train_opd_agent.sh: multi-turn tool rollouts, \
 its own data and reward) is not supported by the run scripts; unset them (tool masks exist in the Python API: \
 OPDTrainer with a tool_mask in the batch; a custom reward through opsd.reward)"
+}
+
+# ----- accelerate engines on CPU processes (ZeRO-3, FSDP, DDP configs without a GPU) ---------------------------
+#   opsd_accelerate_cpu_cmd NPROC PORT ENTRY   set cmd=(...): `accelerate launch` of ENTRY with $ACCELERATE_CONFIG on
+#                                              NPROC CPU processes (gloo), plus the training flags that engine needs
+# Reads ACCELERATE_CONFIG, DTYPE, PYTHON, CXX; exports TORCH_EXTENSIONS_DIR [$OPSD_ROOT/.cache/torch_extensions] for
+# DeepSpeed. accelerate 1.16 runs DeepSpeed only in processes not marked CPU, so those get --ddp_backend gloo instead
+# of --use_cpu; FSDP and DDP configs get --use_cpu true (opsd's trainer attaches the FSDP plugin to the CPU
+# processes). Mixed precision follows DTYPE (bf16 only with DTYPE=bfloat16), not the config.
+opsd_accelerate_cpu_cmd() {
+  local config=$ACCELERATE_CONFIG kind precision=no flags=()
+  [ -f "$config" ] || opsd_die "ACCELERATE_CONFIG=$config is not a file (run_scripts/accelerate/*.yaml)"
+  kind=$(awk -F': *' '/^distributed_type:/ { print $2 }' "$config")
+  case "$kind" in
+    DEEPSPEED)
+      opsd_has_module deepspeed || opsd_die "ACCELERATE_CONFIG=$config uses DeepSpeed but $PYTHON cannot import \
+deepspeed: pip install deepspeed==0.19.8 (requirements-test.txt)"
+      # on CPU DeepSpeed JIT-compiles its shared-memory collective op when it starts (once, cached in
+      # TORCH_EXTENSIONS_DIR) and fails without a C++ compiler
+      command -v "${CXX:-c++}" >/dev/null 2>&1 || opsd_die "ACCELERATE_CONFIG=$config: DeepSpeed on CPU compiles an \
+op at start and needs a C++ compiler with OpenMP ('${CXX:-c++}' not found; e.g. apt-get install g++)"
+      # a cache per checkout: torch's shared ~/.cache one rebuilds whenever another install path compiled in between
+      export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$OPSD_ROOT/.cache/torch_extensions}
+      flags=(--ddp_backend gloo) ;;
+    FSDP|MULTI_GPU|MULTI_CPU) flags=(--use_cpu true) ;;
+    *) opsd_die "ACCELERATE_CONFIG=$config: distributed_type '$kind' cannot run on CPU processes (DEEPSPEED, FSDP or \
+MULTI_GPU can)" ;;
+  esac
+  [ "${DTYPE:-float32}" = bfloat16 ] && precision=bf16
+  cmd=("$PYTHON" -m accelerate.commands.launch --config_file "$config" --num_processes "$1" --main_process_port "$2"
+       --mixed_precision "$precision" -m "$3" "${flags[@]}")
 }

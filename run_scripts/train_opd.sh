@@ -102,7 +102,8 @@
 #   PYTORCH_ALLOC_CONF             [expandable_segments:True on GPUs, as upstream] torch's CUDA allocator settings
 #   OMP_NUM_THREADS                [CPU: idle cores (cores - load average) / NPROC, >= 1, noted] torch threads
 #                                  per process
-#   ACCELERATE_CONFIG              [unset] run_scripts/accelerate/*.yaml
+#   ACCELERATE_CONFIG              [unset] run_scripts/accelerate/*.yaml (zero3, fsdp2, ddp); with NPROC>1 also on
+#                                  CPU processes (gloo), with mixed precision from DTYPE
 #   MASTER_PORT                    [random in 29500-39999] rendezvous port of multi-process runs
 #   DTYPE                          [bfloat16 on GPU, float32 otherwise]
 #   PRESET                         [unset] load run_scripts/presets/$PRESET.env (python -m opsd.presets list)
@@ -429,7 +430,9 @@ opsd_log "run: $OUTPUT_DIR; $TRAIN_BATCH_SIZE prompts x $ROLLOUT_N completions p
 $MICRO per pass x $GRAD_ACC accumulation); validation: $([ ${#val_args[@]} -gt 0 ] && echo "every $TEST_FREQ steps on \
 $VAL_FILES" || echo off); rollouts: $([ "$VLLM" = true ] && echo "vLLM $VLLM_MODE, TP $TP_SIZE" || echo \
 "transformers generate")"
-if [ "$NPROC" -gt 1 ] && [ "$GPUS" -eq 0 ]; then
+if [ "$NPROC" -gt 1 ] && [ "$GPUS" -eq 0 ] && [ -n "${ACCELERATE_CONFIG:-}" ]; then
+  opsd_accelerate_cpu_cmd "$NPROC" "$MASTER_PORT" "$ENTRY"  # ZeRO-3 / FSDP / DDP config on CPU processes (lib.sh)
+elif [ "$NPROC" -gt 1 ] && [ "$GPUS" -eq 0 ]; then
   # CPU processes (gloo): torch.distributed.run of the resolved interpreter (accelerate launch --cpu starts one)
   cmd=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" -m "$ENTRY"
        --use_cpu true)

@@ -70,11 +70,19 @@ def logit_scale_of(config) -> float:
     return 1.0
 
 
+def weight_rows(weight: torch.Tensor) -> int:
+    """Rows of a (possibly sharded) weight: DeepSpeed ZeRO-3 leaves an empty placeholder with the real shape in
+    `ds_shape` (models loaded under zero.Init are partitioned from the start); an FSDP2 DTensor reports the global
+    shape itself."""
+    shape = getattr(weight, "ds_shape", None)
+    return int(shape[0]) if shape is not None else weight.shape[0]
+
+
 def head_of(model, vocab_size: int | None = None) -> LMHead:
     """The output head of a (possibly PEFT-wrapped) causal LM."""
     module = model.get_output_embeddings()
     config = model.config.get_text_config()
-    rows = module.weight.shape[0]
+    rows = weight_rows(module.weight)
     return LMHead(
         weight=module.weight,
         bias=getattr(module, "bias", None),

@@ -11,6 +11,8 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .heads import weight_rows
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -71,7 +73,7 @@ def load_tokenizer(path: str, what: str = "Tokenizer"):
 
 
 def _vocab_rows(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    return weight_rows(model.get_output_embeddings().weight)
 
 
 def resolve_distill_vocab(student, teacher, tokenizer, teacher_tokenizer=None, requested: int | None = None) -> int:

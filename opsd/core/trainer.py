@@ -32,7 +32,7 @@ from trl.trainer.utils import (
 )
 
 from .config import OPDConfig
-from .heads import LMHead, head_of
+from .heads import LMHead, head_of, weight_rows
 from .losses import weighted_divergence_loss
 from .memory import peak_memory_gb
 from .models import load_causal_lm, resolve_distill_vocab
@@ -72,7 +72,10 @@ def whole_heads(*heads: LMHead):
     placeholders outside their module's forward (gathered read-only with `GatheredParameters` while the context is
     open). Anything computed inside must not keep references to ZeRO-3 weights after the context closes.
     """
-    partitioned = [t for h in heads for t in (h.weight, h.bias) if t is not None and hasattr(t, "ds_id")]
+    # ZeRO-3: only weights that are partitioned now; one a ZeRO-3 module hook holds gathered (a tied embedding inside
+    # the model's forward) stays that hook's to release.
+    partitioned = [t for h in heads for t in (h.weight, h.bias)
+                   if t is not None and hasattr(t, "ds_id") and t.ds_status.name == "NOT_AVAILABLE"]
     gather = contextlib.nullcontext()
     if partitioned:
         import deepspeed
@@ -93,6 +96,26 @@ class OPDTrainer(DistillationTrainer):
     _tag_names = ["trl", "distillation", "on-policy-distillation", "opsd-tip"]
     _name = "OPD (opsd-tip)"
     model_card_extra = ""  # markdown appended to TRL's model card (opsd.train: the method, selector and papers)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        self._fsdp_on_cpu_processes()
+
+    def _fsdp_on_cpu_processes(self) -> None:
+        """FSDP on CPU processes (gloo), as `accelerate launch` with an FSDP config starts them on a machine without
+        GPUs (run_scripts/train_opd.sh, NPROC>1 with ACCELERATE_CONFIG): accelerate 1.16 attaches its FSDP plugin
+        only for accelerator devices and would silently fall back to DDP; here the plugin (read from the FSDP_*
+        variables the launcher sets) is attached to the CPU processes, so the same config shards on CPU."""
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            return
+        # both shared states: every later AcceleratorState() copies PartialState's distributed_type over its own
+        PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        self.is_fsdp_enabled = True
 
     def create_model_card(self, *args, **kwargs):
         super().create_model_card(*args, **kwargs)
@@ -143,10 +166,11 @@ class OPDTrainer(DistillationTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
+        self._check_zero3_loss_backend()
         if args.teacher_offload:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError("teacher_offload is for single-process/DDP runs; with DeepSpeed ZeRO-3 or FSDP the "
-                                 "teacher is sharded instead (see run_scripts/accelerate/).")
+                raise ValueError("teacher_offload is for single-process/DDP runs; with DeepSpeed ZeRO-3 the teacher "
+                                 "is sharded instead, with FSDP each process holds it whole (run_scripts/accelerate/).")
             self._place_teacher(torch.device("cpu"))
         self.token_selector = token_selector
         self._check_prompts_fit_the_tokenizer(train_dataset)
@@ -159,6 +183,30 @@ class OPDTrainer(DistillationTrainer):
 
             reward_fn = get_reward_fn(args.reward_function)
         self.reward_fn = reward_fn
+
+    _zero3_heads = False  # set under DeepSpeed ZeRO-3 by _check_zero3_loss_backend
+
+    def _loss_backend(self) -> str:
+        """divergence_backend, with `auto` meaning fused under ZeRO-3 (the one backend whose backward reads no head)."""
+        return "fused" if self._zero3_heads else self.args.divergence_backend
+
+    def _check_zero3_loss_backend(self) -> None:
+        """DeepSpeed ZeRO-3: the loss reads both lm_heads outside their modules' forward, so `_compute_loss` gathers
+        them (whole_heads) for its forward only. The fused backend computes the head's gradient there and backward
+        only hands it on (DeepSpeed reduce-scatters it as any other); trl/chunked recompute logits in backward, when
+        the heads are partitioned again, so they are refused and `auto` means fused; so are the loss_support
+        estimators, which do the same (measured: "size mismatch ... vec (0)" in backward)."""
+        if not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            return
+        if self.args.divergence_backend in ("trl", "chunked"):
+            raise ValueError(f"divergence_backend={self.args.divergence_backend} recomputes logits in backward, where "
+                             "DeepSpeed ZeRO-3 has partitioned the lm_heads again: use fused (what auto means under "
+                             "ZeRO-3).")
+        if self.args.loss_support != "full":
+            raise ValueError(f"loss_support={self.args.loss_support} recomputes logits in backward, where DeepSpeed "
+                             "ZeRO-3 has partitioned the lm_heads again: use loss_support=full under ZeRO-3 (or "
+                             "FSDP2/DDP for the estimators).")
+        self._zero3_heads = True
 
     def _check_prompts_fit_the_tokenizer(self, dataset) -> None:
         """Conversational prompts need a chat template: fail at start, not at step 1."""
@@ -176,7 +224,7 @@ class OPDTrainer(DistillationTrainer):
         more rows than the distilled vocabulary could sample a padding id, which the teacher cannot embed
         (IndexError on CPU, a device-side assert on CUDA). Those ids are suppressed in generation.
         """
-        rows = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        rows = weight_rows(self.accelerator.unwrap_model(self.model).get_output_embeddings().weight)
         if rows <= self.distill_vocab_size:
             return
         padding_ids = list(range(self.distill_vocab_size, rows))
@@ -442,6 +490,13 @@ class OPDTrainer(DistillationTrainer):
 
     # ----- loss ------------------------------------------------------------------------------------------------
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch=None):
+        # whole_heads: FSDP2's DTensor shards gathered (differentiably); ZeRO-3's partitioned heads gathered for this
+        # forward only (the fused loss computes the gradients here; _check_zero3_loss_backend).
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with whole_heads(*self._heads(unwrapped_student, unwrapped_teacher)) as (s_head, t_head):
+            return self._compute_loss_with_heads(unwrapped_student, inputs, s_head, t_head)
+
+    def _compute_loss_with_heads(self, unwrapped_student, inputs, s_head, t_head):
         input_ids, attention_mask, logits_to_keep = self._model_inputs(inputs)
         hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
         factors = inputs["loss_weights"].reshape(-1)
@@ -449,15 +504,12 @@ class OPDTrainer(DistillationTrainer):
         teacher_hidden = inputs.get("teacher_hidden")
         if teacher_hidden is None:
             teacher_hidden = self._teacher_hidden(inputs)
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        s_head, t_head = (dataclasses.replace(h, weight=_whole(h.weight), bias=_whole(h.bias))
-                          for h in self._heads(unwrapped_student, unwrapped_teacher))
         h_s = hidden.reshape(-1, hidden.shape[-1])[rows].to(s_head.weight.device)
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(t_head.weight.device)
         if self.args.loss_support == "full":
             loss, divergence, entropy = weighted_divergence_loss(h_s, s_head, h_t, t_head,
                                                                  factors[rows].to(h_s.device), self.beta,
-                                                                 self.loss_temperature, self.args.divergence_backend,
+                                                                 self.loss_temperature, self._loss_backend(),
                                                                  self.args.chunk_size)
         else:  # top-k / sampled-token estimators (opsd.core.estimators)
             divergence, entropy = self._estimated_divergence(h_s, s_head, h_t, t_head,
