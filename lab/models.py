@@ -108,9 +108,9 @@ class LabConfig:
         d.pop("version", None)
         if not d.get("task_name"):
             raise ValueError("lab config has no task_name (a registered task)")
-        cls = task_entry(d["task_name"]).cls
-        if not isinstance(d.get("task"), cls.config_class):
-            d["task"] = cls.config_class(**(d.get("task") or {}))
+        task_cls = task_entry(d["task_name"]).cls
+        if not isinstance(d.get("task"), task_cls.config_class):
+            d["task"] = task_cls.config_class(**(d.get("task") or {}))
         d["teacher"] = ModelSize(**d.get("teacher", {}))
         d["student"] = ModelSize(**d.get("student", {}))
         return cls(**d)
