@@ -894,8 +894,8 @@ def prepare_lab_models(cache_dir, cfg: LabConfig | str | None = None, force: boo
                           task)
         teacher_m, teacher_cached = _prepare_role(cache_dir, cfg, "teacher", False, progress, eval_prompts)
         student_m, student_cached = _prepare_role(cache_dir, cfg, "student", False, progress, eval_prompts)
-        if teacher_m.get("exact_match") is not None and student_m.get("exact_match") is not None \
-                and student_m["exact_match"] >= teacher_m["exact_match"]:
+        if cfg.teacher_min_em is not None and teacher_m.get("exact_match") is not None \
+                and student_m.get("exact_match") is not None and student_m["exact_match"] >= teacher_m["exact_match"]:
             raise CalibrationError(
                 f"task {cfg.task_name!r}: the warm-started student's held-out exact match {student_m['exact_match']:.3f}"
                 f" is not below the teacher's {teacher_m['exact_match']:.3f}: distillation has nothing to teach; "
