@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .models import LabConfig, default_lab_config, evaluate_student, generate_completions, prepare_lab_models
+from .recommend import check_recommendation, recommend
 from .tasks import KNOWN_TASKS, get_task, import_task_modules, study_task_names
 
 
@@ -228,6 +229,9 @@ def probe_selectors(student, teacher, tokenizer, prompts, configs, max_new_token
         if spec.support_top_k not in by_k:
             by_k[spec.support_top_k] = token_stats(torch.cat(s_rows), torch.cat(t_rows), top_k=spec.support_top_k)
     stats = next(iter(by_k.values()))
+    from .recommend import regime_from_stats
+
+    out["regime"] = regime_from_stats(stats)  # what lab.recommend reads from a pair
     census = quadrant_census(stats["entropy_norm"], stats["reverse_kl"], is_known)
     out["census_all"] = {q: census[f"all/{q}"] for q in ("Q1", "Q2", "Q3", "Q4")}
     out["census_known"] = {q: census[f"kept/{q}"] for q in ("Q1", "Q2", "Q3", "Q4")}
@@ -650,6 +654,11 @@ def format_report(result: dict) -> str:
     if degenerate:
         lines += ["", "Share of training steps with a degenerate normalization axis (logged as norm/<axis>/degenerate): "
                   + "; ".join(degenerate) + "."]
+    rec = result.get("recommendation")
+    if rec:
+        lines += ["", f"Recommendation (lab.recommend, from the probe's regime): {rec['config']}, normalization "
+                  f"{rec['normalization']}; the study's best selective rule at equal steps: {rec['best']}; verdict: "
+                  f"{rec['verdict']}" + (f" ({_fi(rec['interval'])})" if rec.get("interval") else "") + "."]
     known = probe["known_positions"]
     lines += [
         "", f"Selector probe: {probe['tokens']} sampled tokens of the warm-started student"
@@ -679,6 +688,19 @@ def format_cross_task(claims: list[dict], tasks: list[str]) -> str:
              "| claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for row in claims:
         lines.append(f"| {row['claim']} | " + " | ".join(row[t] for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_recommendations(recs: dict) -> str:
+    """lab.recommend's pick per task against the study's best selective rule at equal steps."""
+    lines = ["## Which rule for my pair? lab.recommend vs the study", "",
+             "| task | recommended | normalization | study's best rule | verdict | recommended - best |",
+             "|---|---|---|---|---|---|"]
+    for t, r in recs.items():
+        lines.append(f"| {t} | {r['config']} | {r['normalization']} | {r['best']} | {r['verdict']} | "
+                     f"{_fi(r.get('interval'))} |")
+    picked = sum(r["verdict"] in ("best", "tied") for r in recs.values())
+    lines += ["", f"Picked the best or a statistically tied rule on {picked} of {len(recs)} tasks."]
     return "\n".join(lines) + "\n"
 
 
@@ -870,6 +892,9 @@ def run_study(output_dir: str, settings: StudySettings, configs=None, cache_dir=
             "workers": workers, "wall_seconds": time.perf_counter() - t0, "runs_seconds": runs_seconds,
             "reused_runs": len(runs[t]) - sum(1 for j in jobs if j[7].name == t),
         }
+        rec = recommend(pt["probe"]["regime"])
+        res["recommendation"] = {**rec, **check_recommendation(res["summary"], res["runs"], rec["config"],
+                                                               settings.bootstrap)}
         out = os.path.join(output_dir, t)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "report.json"), "w") as f:
@@ -887,11 +912,13 @@ def run_study(output_dir: str, settings: StudySettings, configs=None, cache_dir=
             + f"; total wall time {wall:.0f} s (model preparation {max(prep_seconds.values()):.0f} s, runs "
             f"{runs_seconds:.0f} s); load average at the end {os.getloadavg()[0]:.1f}.", ""]
     text += [format_report(results[t]) for t in tasks]
-    text += [format_cross_task(claims, tasks), format_moonshot(moon, tasks)]
+    text += [format_cross_task(claims, tasks), format_moonshot(moon, tasks),
+             format_recommendations({t: results[t]["recommendation"] for t in tasks})]
     with open(os.path.join(output_dir, "report.md"), "w") as f:
         f.write("\n".join(text))
     with open(os.path.join(output_dir, "claims.json"), "w") as f:
-        json.dump({"claims": claims, "moonshot": moon}, f, indent=1)
+        json.dump({"claims": claims, "moonshot": moon,
+                   "recommendations": {t: results[t]["recommendation"] for t in tasks}}, f, indent=1)
     return {"tasks": results, "claims": claims, "moonshot": moon, "wall_seconds": wall, "report": "\n".join(text)}
 
 
@@ -902,7 +929,7 @@ def _error(msg: str) -> None:
 
 def main(argv=None):
     # the user's task modules first: their tasks are valid --task values
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--task_module", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
     try:

@@ -52,7 +52,7 @@ def test_study_writes_per_task_and_cross_task_reports(study):
         assert by_name["raw_kl@0.1"]["kept_fraction"] < 0.5
         for name in CONFIG_NAMES[1:]:
             row = by_name[name]
-            for key in ("vs_all_equal_steps", "vs_all_equal_compute"):
+            for key in ("vs_all_equal_steps", "vs_all_equal_compute", "vs_all_equal_time"):
                 iv = row[key]
                 assert iv["lo"] - 1e-12 <= iv["mean"] <= iv["hi"] + 1e-12, (name, key)
         probe = report["probe"]
@@ -60,13 +60,24 @@ def test_study_writes_per_task_and_cross_task_reports(study):
         assert abs(sum(probe["census_all"].values()) - 1.0) < 1e-6
         assert "K=4" in probe["spread"] and probe["spread"]["K=4"]["support_mass"]["min"] <= 1.0
         text = open(os.path.join(out, task, "report.md")).read()
-        assert "| raw_kl@0.1 |" in text and "vs all, equal compute" in text
+        assert "| raw_kl@0.1 |" in text and "vs all, equal measured time" in text
+        assert "vs all, equal lm_head compute" in text
+        # measured compute: every run's CPU seconds per step, cumulative and increasing; the all-token run is
+        # evaluated on the equal-time grid
+        for run in report["runs"]:
+            cum = run["cpu_at_step"]
+            assert len(cum) == 10 and all(b >= a for a, b in zip(cum, cum[1:])) and cum[-1] == run["train_cpu_seconds"]
+        base = next(r for r in report["runs"] if r["config"] == "all_tokens")
+        assert {"1", "2", "9"} <= set(base["checkpoints"])
+        assert by_name["raw_kl@0.1"]["time_ratio"] > 0
         plots = result["tasks"][task]["plots"]
         assert plots and all(os.path.getsize(p) > 1000 for p in plots)
     text = open(os.path.join(out, "report.md")).read()
     assert "Which conclusions hold" in text and "| addition | reverse_sum |" in text
     claims = json.load(open(os.path.join(out, "claims.json")))
-    assert any(c["claim"].startswith("OPD (all tokens)") for c in claims)
+    assert any(c["claim"].startswith("OPD (all tokens)") for c in claims["claims"])
+    assert "Moonshot" in text and {m["config"] for m in claims["moonshot"]} == set(CONFIG_NAMES[1:])
+    assert len(open(os.path.join(out, "runs.jsonl")).read().splitlines()) == len(CONFIG_NAMES) * 2 * 2
 
 
 def test_training_moves_the_student_towards_the_teacher(study):
