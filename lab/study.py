@@ -308,8 +308,11 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
         bf16=False, gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to=[],
         logging_steps=1, seed=seed, disable_tqdm=True, chunk_size=512, loss_support=spec.loss_support,
     )
+    # census off: its statistics and overlap diagnostics are extra passes no rule needs, and the measured time must be
+    # the rule's own cost (the probe reports the census instead)
     selector = make_selector(SelectorConfig(selector=spec.selector, ratio=spec.ratio, selector_options=spec.options,
-                                            support_top_k=spec.support_top_k, selector_weighting=spec.weighting))
+                                            support_top_k=spec.support_top_k, selector_weighting=spec.weighting,
+                                            census=False))
     checkpoints: dict[int, dict] = {}
     eval_seconds = [0.0]
     clock = {"start": None, "eval_cpu": 0.0, "at_step": []}
