@@ -851,8 +851,9 @@ def run_study(output_dir: str, settings: StudySettings, configs=None, cache_dir=
                     continue
                 jobs.append((spec, seed, paths, settings, max_new, prompts, os.path.join(output_dir, t, "runs"), task,
                              steps_here))
-    # the all-token runs first: they are the longest (extra evaluations) and everything is compared with them
-    jobs.sort(key=lambda j: j[0].selector is not None)
+    # seed by seed, all tokens first within a seed: the runs compared on measured time run close together in time
+    # (on a shared machine process CPU seconds grow with contention: up to ~30% between quiet and loaded periods)
+    jobs.sort(key=lambda j: (j[1], j[0].selector is not None))
     reused = sum(len(v) for v in runs.values())
     if resume:
         say(f"[lab] resume: {reused} recorded runs reused from {runs_file}, {len(jobs)} to run")
