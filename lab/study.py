@@ -56,12 +56,14 @@ class RunSpec:
     # TA-OPD's K: the lab's vocabularies have 15-18 tokens, so the papers' K = 16 would make both top-K sets nearly
     # the whole vocabulary (support mass ~1, local KL = forward KL); K = 4 keeps the two axes informative.
     support_top_k: int = 4
-    weighting: str = "hard"  # "soft": every token kept, weighted by the rule's score (--selector_weighting soft)
+    weighting: str = "hard"  # "soft": every token kept, weighted by the rule's score (--selector_weighting soft);
+    # "mixed": every token kept, the rule's tokens weighted (1 - mix) + mix N/k, the others 1 - mix
     loss_support: str = "full"  # "teacher_free": OPSA's control (opsd.core.estimators), no teacher signal
+    mix: float = 0.5  # --selector_mix (weighting "mixed" only)
 
 
-def _spec(name, selector, ratio, support_top_k=4, weighting="hard", loss_support="full", **options):
-    return RunSpec(name, selector, ratio, options, support_top_k, weighting, loss_support)
+def _spec(name, selector, ratio, support_top_k=4, weighting="hard", loss_support="full", mix=0.5, **options):
+    return RunSpec(name, selector, ratio, options, support_top_k, weighting, loss_support, mix)
 
 
 ALL_CONFIGS = [
@@ -94,6 +96,9 @@ ALL_CONFIGS = [
     _spec("soft_or_soft", "soft_or", 0.2, weighting="soft"),  # FiRe-OPD: soft weighting by soft-OR's score
     _spec("entropy_sample_soft", "entropy_sample", 0.2, weighting="soft"),  # weights proportional to entropy
     _spec("entropy_kl_sample_soft", "entropy_sample", 0.2, weighting="soft", gamma=1.0),  # entropy x KL weights
+    # the moonshot candidates: every token anchors the update, the rule's 20% get 3x the weight of the rest
+    _spec("soft_or_mixed@0.2", "soft_or", 0.2, weighting="mixed"),
+    _spec("entropy_kl_sample_mixed@0.2", "entropy_sample", 0.2, weighting="mixed", gamma=1.0),
 ]
 CONFIGS = {c.name: c for c in ALL_CONFIGS}
 # The demo's set: every claim of the cross-task table at the budgets that decide it, sized for 10 minutes on 2 cores.
@@ -239,7 +244,7 @@ def probe_selectors(student, teacher, tokenizer, prompts, configs, max_new_token
         st = by_k[spec.support_top_k]
         keep = (torch.ones_like(is_known) if spec.selector is None else
                 select(spec.selector, st, spec.ratio, sequence_ids=seq, generator=torch.Generator().manual_seed(seed),
-                       weighting=spec.weighting, **spec.options).keep)
+                       weighting=spec.weighting, mix=spec.mix, **spec.options).keep)
         hits = int((keep & is_known).sum())
         kept_census = quadrant_census(st["entropy_norm"], st["reverse_kl"], keep)
         out["selectors"][spec.name] = {
@@ -312,7 +317,7 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
     # the rule's own cost (the probe reports the census instead)
     selector = make_selector(SelectorConfig(selector=spec.selector, ratio=spec.ratio, selector_options=spec.options,
                                             support_top_k=spec.support_top_k, selector_weighting=spec.weighting,
-                                            census=False))
+                                            selector_mix=spec.mix, census=False))
     checkpoints: dict[int, dict] = {}
     eval_seconds = [0.0]
     clock = {"start": None, "eval_cpu": 0.0, "at_step": []}
@@ -564,6 +569,10 @@ CLAIMS = [
      lambda rows, runs, s: (rows.get("entropy_kl_sample_soft", {}).get("vs_all_equal_steps"), "above")),
     ("soft weighting by soft-OR's score beats all tokens at equal steps (moonshot candidate)",
      lambda rows, runs, s: (rows.get("soft_or_soft", {}).get("vs_all_equal_steps"), "above")),
+    ("all tokens + 3x weight on soft-OR's 20% beats all tokens at equal steps (moonshot candidate)",
+     lambda rows, runs, s: (rows.get("soft_or_mixed@0.2", {}).get("vs_all_equal_steps"), "above")),
+    ("all tokens + 3x weight on entropy x KL sampled 20% beats all tokens at equal steps (moonshot candidate)",
+     lambda rows, runs, s: (rows.get("entropy_kl_sample_mixed@0.2", {}).get("vs_all_equal_steps"), "above")),
 ]
 
 
