@@ -770,7 +770,10 @@ def _job_key(task: str, lab_key: str, spec: RunSpec, seed: int, settings: StudyS
     """What decides a run's result: `--resume` reuses a recorded run only when this matches."""
     st = {k: v for k, v in asdict(settings).items() if k not in ("workers", "bootstrap")}
     st["seeds"] = None  # a run is one seed: the seed list does not change it
-    payload = {"task": task, "lab_key": lab_key, "spec": asdict(spec), "seed": seed, "settings": st,
+    spec_d = asdict(spec)
+    if spec_d["weighting"] != "mixed":
+        spec_d.pop("mix")  # only meaningful for mixed weighting (and absent from runs recorded before it existed)
+    payload = {"task": task, "lab_key": lab_key, "spec": spec_d, "seed": seed, "settings": st,
                "eval_steps": list(eval_steps)}
     return json.dumps(payload, sort_keys=True, default=str)
 
