@@ -520,7 +520,7 @@ def error_position_stats(
     batch_size: int = 256, temperature: float = 1.0, seed: int = 0, task: Task | None = None,
 ) -> dict:
     """How the known positions (``task.positions_of_interest``; addition: the Q3 positions of
-    `lab.task.error_positions`) of the student's own completions look.
+    `lab.addition.error_positions`) of the student's own completions look.
 
     Returns the mean reverse KL over all completion tokens (``kl_all``, = `heldout_kl` on the same completions),
     the share of completion tokens that are error positions (``error_share``), the share of
