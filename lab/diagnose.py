@@ -986,7 +986,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_cache_gb", type=float, default=2.0)
     p.add_argument("--lab_cache", default=".cache/lab", help="cache directory of the lab models")
     p.add_argument("--lab_task", default="addition", help="lab task whose models to use without --teacher/--student "
-                   "(lab.tasks.TASKS: addition, reverse_sum)")
+                   "(a registered task: addition, reverse_sum, or one of a --task_module)")
+    p.add_argument("--task_module", action="append", default=[],
+                   help="module that registers lab tasks (lab.tasks.register_task) at import (repeatable)")
     p.add_argument("--save_bank", action="store_true", help="also write the bank as bank.json")
     p.add_argument("--no_tokens_csv", action="store_true", help="do not write the per-token tokens.csv")
     p.add_argument("--no_progress", action="store_true")
@@ -1012,7 +1014,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta["models"] = {"teacher": teacher_dir, "student": student_dir}
     else:
         from lab.models import prepare_lab_models
+        from lab.tasks import import_task_modules, task_entry
 
+        try:
+            import_task_modules(args.task_module)
+            task_entry(args.lab_task)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         lab = prepare_lab_models(args.lab_cache, args.lab_task, progress=progress)
         paths = lab["paths"]
         teacher_dir, student_dir = paths["teacher"], paths["student"]

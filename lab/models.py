@@ -1,10 +1,12 @@
-"""Teacher and student models of the CPU distillation lab: tiny Qwen2 models trained on the addition task.
+"""Teacher and student models of the CPU distillation lab: tiny Qwen2 models trained on a registered task.
 
-`prepare_lab_models` trains a teacher (bigger, sees injected errors and ``"<"`` repairs) and warm-starts a
-student (smaller, clean solutions only by default, deliberately under-trained) once, saves both with
-``save_pretrained`` (model, tokenizer, generation config) under a cache directory keyed by a hash of the whole
-configuration, and returns their paths and measured accuracies. Later calls with the same configuration load
-nothing and train nothing: they return the cached paths and metrics.
+`prepare_lab_models` trains a teacher (bigger; on addition it sees injected errors and ``"<"`` repairs) and
+warm-starts a student (smaller, deliberately under-trained) once, checks both against their calibration targets
+(a miss is a `CalibrationError` with the numbers, and nothing is cached), saves each with ``save_pretrained``
+(model, tokenizer, generation config) under its own cache key (retuning the student never retrains the teacher),
+and returns their paths and measured accuracies. Later calls with the same configuration load nothing and train
+nothing: they return the cached paths and metrics. Every task's sizes and steps come from its registration
+(`lab.tasks.register_task(..., lab_settings=...)`, read by `default_lab_config`); no function defaults to a task.
 
 Everything is plain PyTorch + transformers; the training loop is the usual teacher-forced next-token loss on
 completion tokens only (prompt, pad and injected-wrong tokens carry no loss).
@@ -27,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import task as T
-from .tasks import KNOWN_TASKS, TASKS, AdditionTask, Task
+from . import addition as T
+from .tasks import REGISTRY, AdditionTask, Task, task_entry
 
 # Bump when the task format, vocabulary or training recipe changes in a way that invalidates cached models.
 LAB_FORMAT_VERSION = 2
@@ -65,8 +67,8 @@ class LabConfig:
         so two trainings of one configuration on differently loaded machines can differ slightly.
     """
 
-    task: object = field(default_factory=T.TaskConfig)  # the task's config dataclass (TASKS[task_name].config_class)
-    task_name: str = "addition"
+    task: object = None  # the task's config dataclass (its registered config_class; None: its defaults)
+    task_name: str = ""  # a registered task (lab.tasks.register_task); required
     teacher: ModelSize = field(default_factory=lambda: ModelSize(2, 128, 8, 256))
     student: ModelSize = field(default_factory=lambda: ModelSize(2, 64, 4, 256))
     teacher_steps: int = 800
@@ -82,15 +84,33 @@ class LabConfig:
     n_eval: int = 500
     n_train_prompts: int = 4096
     num_threads: int = 2
+    # Calibration checks (not part of the cache key: they decide whether a trained model is accepted, not what is
+    # trained). None disables a check.
+    teacher_min_em: float | None = 0.9
+    student_em_tolerance: float | None = 0.1
+
+    def __post_init__(self):
+        if not self.task_name:
+            raise ValueError("LabConfig needs task_name (a registered task, e.g. default_lab_config('addition'))")
+        cls = task_entry(self.task_name).cls
+        if self.task is None:
+            self.task = cls.config_class()
+        elif isinstance(self.task, dict):
+            self.task = cls.config_class(**self.task)
+        elif not isinstance(self.task, cls.config_class):
+            raise ValueError(f"LabConfig.task is a {type(self.task).__name__}, task {self.task_name!r} needs a "
+                             f"{cls.config_class.__name__}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "LabConfig":
         """Inverse of `to_dict`; also accepts a cached lab's ``config.json`` (its ``version`` key is ignored)."""
         d = dict(d)
         d.pop("version", None)
-        d.setdefault("task_name", "addition")
-        if not isinstance(d.get("task"), KNOWN_TASKS[d["task_name"]].config_class):
-            d["task"] = KNOWN_TASKS[d["task_name"]].config_class(**(d.get("task") or {}))
+        if not d.get("task_name"):
+            raise ValueError("lab config has no task_name (a registered task)")
+        task_cls = task_entry(d["task_name"]).cls
+        if not isinstance(d.get("task"), task_cls.config_class):
+            d["task"] = task_cls.config_class(**(d.get("task") or {}))
         d["teacher"] = ModelSize(**d.get("teacher", {}))
         d["student"] = ModelSize(**d.get("student", {}))
         return cls(**d)
@@ -99,23 +119,49 @@ class LabConfig:
         return asdict(self)
 
     def make_task(self) -> Task:
-        return KNOWN_TASKS[self.task_name](self.task)
+        return task_entry(self.task_name).cls(self.task)
+
+    def _keyed(self) -> dict:
+        d = self.to_dict()
+        for name in NOT_KEYED:
+            d.pop(name)
+        return d
 
     def cache_key(self) -> str:
-        """Hash of everything that shapes the models (not ``num_threads``, which only changes speed)."""
-        d = self.to_dict()
-        d.pop("num_threads")
-        payload = json.dumps({"version": LAB_FORMAT_VERSION, **d}, sort_keys=True)
+        """Hash of everything that shapes the models and prompt files (not ``num_threads``, which only changes
+        speed, nor the calibration checks): the key of the lab directory."""
+        payload = json.dumps({"version": LAB_FORMAT_VERSION, **self._keyed()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def role_key(self, role: str) -> str:
+        """Hash of what shapes one model (``role`` "teacher" or "student"): the task settings, that model's size,
+        steps, learning rate and (student) warm-start target, the batch size, seed and evaluation prompt count.
+        Retuning the student leaves the teacher's key unchanged, and vice versa."""
+        d = self._keyed()
+        other = "student" if role == "teacher" else "teacher"
+        for name in [other, f"{other}_steps", f"{other}_lr", "n_train_prompts"]:
+            d.pop(name)
+        if role == "teacher":
+            for name in ("student_target_em", "student_check_every", "student_min_steps", "n_dev"):
+                d.pop(name)
+        payload = json.dumps({"version": LAB_FORMAT_VERSION, "role": role, **d}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+NOT_KEYED = ("num_threads", "teacher_min_em", "student_em_tolerance")
+
+
+class CalibrationError(ValueError):
+    """A trained teacher or warm-started student missed its calibration target (nothing was cached)."""
 
 
 # ------------------------------------------------------------------------------------------------- models
 def build_model(size: ModelSize, vocab_size: int | None = None, seed: int = 0, task: Task | None = None):
     """A freshly initialised tiny Qwen2ForCausalLM (untied lm_head: the trainer reads ``lm_head`` directly) for
-    ``task``'s vocabulary, special ids and sequence length (default: the addition task)."""
+    ``task``'s vocabulary, special ids and sequence length (required)."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    task = task or AdditionTask()
+    task = _need_task(task, "build_model")
 
     if size.hidden_size % size.num_heads:
         raise ValueError(f"hidden_size {size.hidden_size} is not divisible by num_heads {size.num_heads}")
@@ -139,6 +185,15 @@ def build_model(size: ModelSize, vocab_size: int | None = None, seed: int = 0, t
         bos_token_id=None, eos_token_id=task.eos_id, pad_token_id=task.pad_id, do_sample=False
     )
     return model
+
+
+def _need_task(task, where: str) -> Task:
+    """The task argument, required: no function of the lab defaults to a task."""
+    if task is None:
+        raise ValueError(f"{where} needs task= (a lab.tasks.Task, e.g. lab.tasks.get_task('addition'))")
+    from .tasks import get_task
+
+    return get_task(task)
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -369,7 +424,7 @@ def evaluate_exact_match(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, greedy: bool = True,
     batch_size: int = 256, strict: bool = False, seed: int = 0, task: Task | None = None,
 ) -> float:
-    """Share of prompts whose generated completion ``task.is_correct`` accepts (default task: addition)."""
+    """Share of prompts whose generated completion ``task.is_correct`` accepts (``task`` required)."""
     if not prompts:
         raise ValueError("evaluate_exact_match needs at least one prompt")
     comps = generate_completions(model, tokenizer, prompts, max_new_tokens, greedy, batch_size, seed=seed)
@@ -378,7 +433,7 @@ def evaluate_exact_match(
 
 def correct_flags(task: Task | None, tokenizer, prompts: Sequence[str], completions, strict: bool = False) -> list[bool]:
     """``task.is_correct`` of each (prompt, completion ids) pair."""
-    task = task or AdditionTask()
+    task = _need_task(task, "correct_flags")
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     return [bool(task.is_correct(p, t, strict=strict)) for p, t in zip(prompts, texts)]
 
@@ -465,7 +520,7 @@ def error_position_stats(
     batch_size: int = 256, temperature: float = 1.0, seed: int = 0, task: Task | None = None,
 ) -> dict:
     """How the known positions (``task.positions_of_interest``; addition: the Q3 positions of
-    `lab.task.error_positions`) of the student's own completions look.
+    `lab.addition.error_positions`) of the student's own completions look.
 
     Returns the mean reverse KL over all completion tokens (``kl_all``, = `heldout_kl` on the same completions),
     the share of completion tokens that are error positions (``error_share``), the share of
@@ -477,7 +532,7 @@ def error_position_stats(
     section 2). Values are NaN when there are no error positions. The correction-token entries exist only for a
     task with a correction token.
     """
-    task = task or AdditionTask()
+    task = _need_task(task, "error_position_stats")
     comps = generate_completions(student, tokenizer, prompts, max_new_tokens, greedy, batch_size, temperature, seed)
     stats = completion_token_stats(student, teacher, tokenizer, prompts, comps, batch_size, task.correction_id)
     marks = [task.positions_of_interest(p, c.tolist(), tokenizer) or [False] * c.numel() for p, c in zip(prompts, comps)]
@@ -522,7 +577,7 @@ def recovery_rate(model, prompts: Sequence[str], seed: int = 0, batch_size: int 
     probability of ``"<"`` there), and ``repair_top1`` (share where, after ``wrong + "<"``, the top next token
     is the right one).
     """
-    task = task or AdditionTask()
+    task = _need_task(task, "recovery_rate")
     if task.correction_id is None:
         return {}
     rng = random.Random(f"recovery/{seed}")
@@ -613,7 +668,7 @@ def _train_and_save(
 
 
 def train_teacher(
-    out_dir, cfg: LabConfig | T.TaskConfig | None = None, steps: int | None = None, batch_size: int | None = None,
+    out_dir, cfg: LabConfig | str | None = None, steps: int | None = None, batch_size: int | None = None,
     lr: float | None = None, seed: int | None = None, progress: bool = True, eval_prompts: Sequence[str] | None = None,
 ) -> dict:
     """Train the teacher on completions with injected errors and ``"<"`` repairs; save it to ``out_dir``.
@@ -631,7 +686,7 @@ def train_teacher(
 
 
 def warm_start_student(
-    out_dir, cfg: LabConfig | T.TaskConfig | None = None, steps: int | None = None, batch_size: int | None = None,
+    out_dir, cfg: LabConfig | str | None = None, steps: int | None = None, batch_size: int | None = None,
     lr: float | None = None, seed: int | None = None, progress: bool = True, eval_prompts: Sequence[str] | None = None,
 ) -> dict:
     """Supervised warm start of the student; save it to ``out_dir``.
@@ -660,14 +715,18 @@ def warm_start_student(
 
 def _lab_config(cfg, steps=None, batch_size=None, lr=None, seed=None, role="teacher") -> LabConfig:
     if cfg is None:
-        cfg = LabConfig()
-    elif isinstance(cfg, str):
+        raise ValueError("a lab configuration is required: a LabConfig, a task name or a Task "
+                         "(e.g. default_lab_config('addition'))")
+    if isinstance(cfg, str):
         cfg = default_lab_config(cfg)
     elif isinstance(cfg, Task):
         cfg = LabConfig.from_dict({**default_lab_config(cfg.name).to_dict(), "task": cfg.config})
     elif not isinstance(cfg, LabConfig):  # a task's config dataclass
-        name = next(n for n, c in TASKS.items() if isinstance(cfg, c.config_class))
-        cfg = LabConfig.from_dict({**default_lab_config(name).to_dict(), "task": cfg})
+        names = [n for n, e in REGISTRY.items() if isinstance(cfg, e.cls.config_class)]
+        if len(names) != 1:
+            raise ValueError(f"cannot tell the task of a {type(cfg).__name__} (registered tasks using it: {names}); "
+                             "pass a LabConfig or a Task instead")
+        cfg = LabConfig.from_dict({**default_lab_config(names[0]).to_dict(), "task": cfg})
     cfg = LabConfig.from_dict(cfg.to_dict())  # a copy we may override
     if steps is not None:
         setattr(cfg, f"{role}_steps", steps)
@@ -680,21 +739,52 @@ def _lab_config(cfg, steps=None, batch_size=None, lr=None, seed=None, role="teac
     return cfg
 
 
+def check_calibration(role: str, metrics: dict, cfg: LabConfig) -> None:
+    """Raise CalibrationError (with the numbers) when a trained model misses its target: the teacher's held-out
+    exact match below ``teacher_min_em``; the student's warm start never reaching ``student_target_em`` within
+    ``student_steps``, or keeping weights whose dev exact match is further than ``student_em_tolerance`` from it."""
+    task = cfg.task_name
+    if role == "teacher" and cfg.teacher_min_em is not None:
+        em = metrics.get("exact_match")
+        if em is None or em < cfg.teacher_min_em:
+            raise CalibrationError(
+                f"teacher of task {task!r} missed its calibration target: held-out exact match {em} < teacher_min_em "
+                f"{cfg.teacher_min_em} after {metrics.get('steps')} steps (final loss {metrics.get('final_loss', 0):.4f});"
+                " raise teacher_steps / the teacher size in the task's lab_settings, or lower teacher_min_em")
+    if role == "student" and cfg.student_target_em is not None and cfg.student_em_tolerance is not None:
+        last, target = metrics.get("last_check"), cfg.student_target_em
+        history = metrics.get("check_history") or []
+        if not metrics.get("stopped_early"):
+            raise CalibrationError(
+                f"student warm start of task {task!r} missed its calibration target: dev exact match never reached "
+                f"student_target_em {target} in {metrics.get('max_steps')} steps (last check {last}; checks "
+                f"{history[-5:]}); raise student_steps or lower student_target_em in the task's lab_settings")
+        if abs(last - target) > cfg.student_em_tolerance:
+            raise CalibrationError(
+                f"student warm start of task {task!r} missed its calibration target: kept weights at step "
+                f"{metrics.get('steps')} have dev exact match {last:.3f}, more than student_em_tolerance "
+                f"{cfg.student_em_tolerance} from student_target_em {target} (the score jumped between checks: "
+                f"{history[-5:]}); check more often (student_check_every) or from earlier (student_min_steps)")
+
+
 # The default configurations' models ship with the repository (about 2 MB per task), trained by this function on a
 # 2-core CPU: a fresh clone's demo starts from the same teachers and students on every machine and spends its
 # minutes on the study. A configuration without a shipped copy (or force=True) trains from scratch.
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 
 
-def _install_shipped(shipped: str, final: str) -> None:
-    """Copy a shipped model directory into the cache, appearing atomically like a trained one."""
+def _install_dir(src: str, final: str, ignore=None, extra: dict | None = None) -> None:
+    """Copy ``src`` to ``final`` (plus ``extra`` json files), appearing atomically like a trained directory."""
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".shipped-", dir=parent)
     try:
-        shutil.copytree(shipped, os.path.join(work, "lab"))
+        shutil.copytree(src, os.path.join(work, "d"), ignore=ignore)
+        for name, value in (extra or {}).items():
+            with open(os.path.join(work, "d", name), "w") as f:
+                json.dump(value, f, indent=1)
         try:
-            os.rename(os.path.join(work, "lab"), final)
+            os.rename(os.path.join(work, "d"), final)
         except OSError:  # another process installed it first
             if not os.path.isfile(os.path.join(final, "metrics.json")):
                 raise
@@ -702,14 +792,54 @@ def _install_shipped(shipped: str, final: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def prepare_lab_models(cache_dir, cfg: LabConfig | T.TaskConfig | None = None, force: bool = False,
-                       progress: bool = True) -> dict:
+def role_dir(cache_dir, cfg: LabConfig, role: str) -> str:
+    """Cache directory of one model: ``cache_dir/<role>-<task>-<role_key>``."""
+    return os.path.join(str(cache_dir), f"{role}-{cfg.task_name}-{cfg.role_key(role)}")
+
+
+def _prepare_role(cache_dir, cfg: LabConfig, role: str, force: bool, progress: bool, eval_prompts) -> tuple[dict, bool]:
+    """Train (or find cached) the teacher or the student under its own key; returns (metrics, cached)."""
+    final = role_dir(cache_dir, cfg, role)
+    metrics_file = os.path.join(final, "metrics.json")
+    if force and os.path.isdir(final):
+        shutil.rmtree(final)
+    if os.path.isfile(metrics_file):
+        with open(metrics_file) as f:
+            return json.load(f), True
+    os.makedirs(str(cache_dir), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{role}-{cfg.task_name}-", dir=str(cache_dir))
+    try:
+        train = train_teacher if role == "teacher" else warm_start_student
+        metrics = train(work, cfg, progress=progress, eval_prompts=eval_prompts)
+        check_calibration(role, metrics, cfg)  # a miss raises: nothing is cached
+        with open(os.path.join(work, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        try:
+            os.rename(work, final)
+        except OSError:  # another process finished the same model first: keep its copy
+            if not os.path.isfile(metrics_file):
+                raise
+            with open(metrics_file) as f:
+                metrics = json.load(f)
+    finally:
+        if os.path.isdir(work):
+            shutil.rmtree(work, ignore_errors=True)
+    return metrics, False
+
+
+def prepare_lab_models(cache_dir, cfg: LabConfig | str | None = None, force: bool = False, progress: bool = True
+                       ) -> dict:
     """Teacher, student, tokenizer and prompt files for the lab, trained once and cached (or copied from the
     copies shipped in lab/pretrained/ for the default configurations; force=True retrains).
 
-    Layout: ``cache_dir/lab-<hash>/{teacher,student,tokenizer}/`` (each loadable with ``from_pretrained``),
-    ``train_prompts.jsonl`` and ``eval_prompts.jsonl`` (columns ``prompt``, ``answer``), ``config.json`` and
-    ``metrics.json``. The directory appears atomically when complete, so an interrupted run leaves no half cache.
+    Layout: the teacher and the student are cached under separate keys (`LabConfig.role_key`), so retuning one
+    never retrains the other: ``cache_dir/teacher-<task>-<key>/`` and ``cache_dir/student-<task>-<key>/`` (each
+    loadable with ``from_pretrained``, with its ``metrics.json``). ``cache_dir/lab-<task>-<key>/`` holds the pair's
+    ``tokenizer/``, ``train_prompts.jsonl`` and ``eval_prompts.jsonl`` (columns ``prompt``, ``solution``),
+    ``config.json``, ``task.json`` and ``metrics.json``. Each directory appears atomically when complete, so an
+    interrupted run leaves no half cache. A model that misses its calibration target (`check_calibration`) raises
+    CalibrationError and is not cached. A task registered with its own ``prepare`` (lab.tasks.register_task) is
+    prepared by it instead.
 
     Returns ``{"paths": {dir, teacher, student, tokenizer, train_prompts, eval_prompts}, "metrics": {...},
     "config": <LabConfig as dict>, "cached": bool, "key": <hash>}``. ``metrics`` holds ``teacher`` and
@@ -717,24 +847,38 @@ def prepare_lab_models(cache_dir, cfg: LabConfig | T.TaskConfig | None = None, f
     student's ``heldout_kl`` to the teacher at the start (greedy completions of the eval prompts) with
     `error_position_stats` of those completions (``student_error_positions``).
     """
+    from .tasks import task_entry as _entry
+
     cfg = _lab_config(cfg)
+    custom = _entry(cfg.task_name).prepare
+    if custom is not None:
+        return custom(cache_dir, cfg, force, progress)
     key = cfg.cache_key()
     final = os.path.join(str(cache_dir), f"lab-{cfg.task_name}-{key}")
     paths = {
         "dir": final,
-        "teacher": os.path.join(final, "teacher"),
-        "student": os.path.join(final, "student"),
+        "teacher": role_dir(cache_dir, cfg, "teacher"),
+        "student": role_dir(cache_dir, cfg, "student"),
         "tokenizer": os.path.join(final, "tokenizer"),
         "train_prompts": os.path.join(final, "train_prompts.jsonl"),
         "eval_prompts": os.path.join(final, "eval_prompts.jsonl"),
     }
     metrics_file = os.path.join(final, "metrics.json")
-    if force and os.path.isdir(final):
-        shutil.rmtree(final)
+    if force:
+        for d in (final, paths["teacher"], paths["student"]):
+            if os.path.isdir(d):
+                shutil.rmtree(d)
     shipped = os.path.join(SHIPPED_DIR, os.path.basename(final))
-    if not force and not os.path.isfile(metrics_file) and os.path.isfile(os.path.join(shipped, "metrics.json")):
-        _install_shipped(shipped, final)
-    if os.path.isfile(metrics_file):
+    if not force and os.path.isfile(os.path.join(shipped, "metrics.json")):
+        with open(os.path.join(shipped, "metrics.json")) as f:
+            shipped_metrics = json.load(f)
+        for role in ("teacher", "student"):
+            if not os.path.isfile(os.path.join(paths[role], "metrics.json")):
+                _install_dir(os.path.join(shipped, role), paths[role], extra={"metrics.json": shipped_metrics[role]})
+        if not os.path.isfile(metrics_file):
+            _install_dir(shipped, final, ignore=shutil.ignore_patterns("teacher", "student"))
+    if os.path.isfile(metrics_file) and all(os.path.isfile(os.path.join(paths[r], "metrics.json"))
+                                            for r in ("teacher", "student")):
         with open(metrics_file) as f:
             return {"paths": paths, "metrics": json.load(f), "config": cfg.to_dict(), "cached": True, "key": key}
 
@@ -748,20 +892,26 @@ def prepare_lab_models(cache_dir, cfg: LabConfig | T.TaskConfig | None = None, f
         write_prompt_file(os.path.join(work, "eval_prompts.jsonl"), eval_prompts, task)
         write_prompt_file(os.path.join(work, "train_prompts.jsonl"), task.make_prompts(cfg.n_train_prompts, cfg.seed),
                           task)
-        teacher_m = train_teacher(os.path.join(work, "teacher"), cfg, progress=progress, eval_prompts=eval_prompts)
-        student_m = warm_start_student(
-            os.path.join(work, "student"), cfg, progress=progress, eval_prompts=eval_prompts
-        )
+        teacher_m, teacher_cached = _prepare_role(cache_dir, cfg, "teacher", False, progress, eval_prompts)
+        student_m, student_cached = _prepare_role(cache_dir, cfg, "student", False, progress, eval_prompts)
+        if cfg.teacher_min_em is not None and teacher_m.get("exact_match") is not None \
+                and student_m.get("exact_match") is not None and student_m["exact_match"] >= teacher_m["exact_match"]:
+            raise CalibrationError(
+                f"task {cfg.task_name!r}: the warm-started student's held-out exact match {student_m['exact_match']:.3f}"
+                f" is not below the teacher's {teacher_m['exact_match']:.3f}: distillation has nothing to teach; "
+                "lower student_target_em or strengthen the teacher")
         from transformers import AutoModelForCausalLM
 
         with _threads(cfg.num_threads):
             tok = task.build_tokenizer()
-            teacher = AutoModelForCausalLM.from_pretrained(os.path.join(work, "teacher"))
-            student = AutoModelForCausalLM.from_pretrained(os.path.join(work, "student"))
+            teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
+            student = AutoModelForCausalLM.from_pretrained(paths["student"])
             q3 = error_position_stats(student, teacher, tok, eval_prompts, task.max_new_tokens, task=task)
         metrics = {
             "teacher": teacher_m,
             "student": student_m,
+            "teacher_cached": teacher_cached,
+            "student_cached": student_cached,
             "student_heldout_kl": q3["kl_all"],
             "student_error_positions": q3,
             "total_seconds": time.perf_counter() - t0,
@@ -774,6 +924,8 @@ def prepare_lab_models(cache_dir, cfg: LabConfig | T.TaskConfig | None = None, f
             json.dump(task.to_dict(), f, indent=1)
         with open(os.path.join(work, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
+        if os.path.isdir(final):  # a lab directory without its models (they were removed): replace it
+            shutil.rmtree(final, ignore_errors=True)
         try:
             os.rename(work, final)
         except OSError:  # another process finished the same configuration first: keep its copy
@@ -798,22 +950,13 @@ def write_prompt_file(path, prompts: Sequence[str], task: Task) -> str:
     return path
 
 
-def default_lab_config(task_name: str = "addition") -> LabConfig:
-    """The calibrated teacher / student settings of a built-in task (`lab.tasks.TASKS`)."""
-    if task_name == "addition":
-        return LabConfig()
-    if task_name == "reverse_sum":
-        from .tasks import ReverseSumConfig
+def default_lab_config(task_name: str) -> LabConfig:
+    """The calibrated teacher / student settings of a registered task (its `register_task(..., lab_settings=...)`
+    over LabConfig's defaults)."""
+    from .tasks import task_entry as _entry
 
-        # 300 teacher steps were not enough (exact match 0.28, loss 0.26; 600 steps: 1.0). The student's dev exact
-        # match jumped from 0.0 at step 100 to 0.49 at step 200 (checks every 10 steps from 200 on stopped it at 0.54
-        # held-out, and all-token OPD then reached 1.0 in 40 steps: no room to compare rules), so it is checked every
-        # 2 steps from 120 on against a lower target.
-        return LabConfig(task=ReverseSumConfig(), task_name="reverse_sum", teacher_steps=600, student_steps=800,
-                         student_target_em=0.15, student_check_every=2, student_min_steps=120)
-    if task_name == "addition_swapped":  # the addition lab's sizes and steps; only the teacher's order differs
-        return LabConfig(task_name="addition_swapped")
-    raise ValueError(f"no default lab settings for task {task_name!r}; built-in: {sorted(TASKS)}")
+    entry = _entry(task_name)
+    return LabConfig(task=entry.cls.config_class(), task_name=task_name, **entry.lab_settings)
 
 
 def load_lab_models(paths: dict):

@@ -1,6 +1,6 @@
 """The real-pair collapse, reproduced and flagged: OPD on SmolLM2-135M-Instruct (student) from the same model plus
 its SFT adapter (teacher, lab.real_task), at a learning rate that collapses and one that does not, through
-`python -m opsd.train` with validation on, so the collapse rule of opsd.collapse (docs/METHODS.md section 8) judges
+`python -m opsd.train` with validation on, so the collapse rule of opsd.collapse (docs/METHODS.md section 10) judges
 each run.
 
     python -m lab.real_collapse                          # lr 1e-4 and 5e-5, 20 steps of 8 prompts x 48 tokens
@@ -10,7 +10,7 @@ Prints, per run and validation, the training loss (reverse KL on the student's o
 the end-of-turn rate, distinct-2, the reward and whether the rule fired; writes `summary.json` and each run's
 directory under `--output_dir`. Too slow for the test suite on 2 cores (about 14 s per step of 8 x 48 tokens on one
 free core, REAL_ASSETS.md; 35-130 s on the shared machine); tests/test_collapse.py reproduces the same signature on
-the lab's tiny pair. Measured here (docs/METHODS.md section 8): the cheapest setting that collapsed and was flagged
+the lab's tiny pair. Measured here (docs/METHODS.md section 10): the cheapest setting that collapsed and was flagged
 is `--lrs 1e-3 --steps 8 --batch 4 --length 32 --val_every 4 --val_limit 8` (flagged at step 4, 349 s at load ~10);
 lr 1e-4 at 4 x 32 (12 steps) and 8 x 48 (10 steps) stayed healthy and silent with the r8-all adapter.
 """

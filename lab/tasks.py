@@ -22,12 +22,14 @@ Known positions: `first_mistake_positions` marks, for a task with a correction t
 student's first unrepaired mistake (where the teacher says the correction: the Q3 construction); for a task without
 one, the mistaken token itself (where the teacher puts little mass on what the student wrote).
 
-Adding a task: subclass `Task`, give it a config dataclass, register it in `TASKS`, and give it default model
-sizes in `lab.models.default_lab_config`. A teacher with a different scratchpad order ("incompatible thinking
+Adding a task: subclass `Task`, give it a config dataclass and call `register_task(MyTask, lab_settings={...})`
+(model sizes, steps and the warm start's target live in the registration; `lab.models.default_lab_config` reads
+them). A module kept outside the repository that does so is loaded with `--task_module my_tasks` by `lab.study`,
+`lab.diagnose` and `lab.scenarios`. A teacher with a different scratchpad order ("incompatible thinking
 pattern") is a task whose `teacher_example` writes another order than `student_example`; `positions_of_interest`
 may then return None (nothing is known by construction) and every part of the lab still runs. `addition_swapped`
-is one; it is registered in `SCENARIO_TASKS` (lab.scenarios uses it), not in `TASKS`, so the study does not run it
-by default; `get_task` and `LabConfig` look names up in both (`KNOWN_TASKS`).
+is one; it is registered with `study=False` (lab.scenarios uses it), so the study does not run it by default.
+`REGISTRY` is the one registry; `TASKS` (the study's tasks) and `KNOWN_TASKS` (all) are live views of it.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
-from . import task as addition
+from . import addition
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = addition.PAD_TOKEN, addition.EOS_TOKEN, addition.UNK_TOKEN
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -190,7 +192,7 @@ class Task:
 
 
 class AdditionTask(Task):
-    """`lab.task`: column addition with a scratchpad; the teacher learned a correction token "<"."""
+    """`lab.addition`: column addition with a scratchpad; the teacher learned a correction token "<"."""
 
     name = "addition"
     regime = ("every token depends on the previous carry (mistakes compound); the teacher has a new capability, "
@@ -338,18 +340,123 @@ class SwappedScratchpadTask(AdditionTask):
         return None
 
 
-# The study's tasks (`python -m lab.study` runs all of them by default).
-TASKS: dict[str, type[Task]] = {AdditionTask.name: AdditionTask, ReverseSumTask.name: ReverseSumTask}
-# Tasks that only make sense in a scenario (lab.scenarios), not in the study's selector comparison.
-SCENARIO_TASKS: dict[str, type[Task]] = {SwappedScratchpadTask.name: SwappedScratchpadTask}
-KNOWN_TASKS: dict[str, type[Task]] = {**TASKS, **SCENARIO_TASKS}
+# ------------------------------------------------------------------------------------------------- registry
+@dataclass
+class TaskEntry:
+    """One registered task: its class, the settings of its teacher and student (`lab_settings`: LabConfig fields
+    other than `task` and `task_name`, e.g. model sizes, steps, the warm start's target), whether the study runs it
+    by default (`study`), and optionally its own model preparation (`prepare(cache_dir, lab_config, force,
+    progress) -> dict` shaped like `lab.models.prepare_lab_models`' result, for a task whose models are not trained
+    by the lab, e.g. real checkpoints)."""
+
+    cls: type
+    lab_settings: dict
+    study: bool = True
+    prepare: Callable | None = None
+
+
+# The one registry: `register_task` writes it, everything else reads it (lab.models, lab.study, lab.scenarios,
+# lab.diagnose); nothing copies it.
+REGISTRY: dict[str, TaskEntry] = {}
+
+
+def register_task(cls: type, *, lab_settings: dict | None = None, study: bool = True,
+                  prepare: Callable | None = None, replace: bool = False) -> type:
+    """Register a `Task` subclass under `cls.name` (usable as a class decorator via functools.partial or directly).
+
+    lab_settings: the task's teacher / student settings (any `lab.models.LabConfig` field except `task` and
+        `task_name`; unspecified fields keep LabConfig's defaults). These are what `default_lab_config(name)` returns.
+    study: run it in `python -m lab.study` by default (False: a scenario-only task, still usable by name).
+    prepare: optional replacement for the lab's own teacher training and student warm start (see `TaskEntry`).
+    replace: allow re-registering an existing name (otherwise an error).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"register_task needs a Task subclass, got {cls!r}")
+    if not cls.name or not isinstance(cls.name, str):
+        raise ValueError(f"{cls.__name__} has no name: set the class attribute `name`")
+    if cls.config_class is None:
+        raise ValueError(f"task {cls.name!r} has no config_class (a dataclass of its settings)")
+    if cls.name in REGISTRY and not replace and REGISTRY[cls.name].cls is not cls:
+        raise ValueError(f"task {cls.name!r} is already registered (by {REGISTRY[cls.name].cls.__module__}."
+                         f"{REGISTRY[cls.name].cls.__qualname__}); pass replace=True to override it")
+    bad = sorted(set(lab_settings or {}) & {"task", "task_name"})
+    if bad:
+        raise ValueError(f"lab_settings of task {cls.name!r} may not set {bad}: they come from the registration")
+    REGISTRY[cls.name] = TaskEntry(cls, dict(lab_settings or {}), study, prepare)
+    return cls
+
+
+def task_entry(name: str) -> TaskEntry:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(REGISTRY)} (register one with "
+                         "lab.tasks.register_task, e.g. from a module given as --task_module)")
+    return REGISTRY[name]
+
+
+def study_task_names() -> list[str]:
+    """The tasks `python -m lab.study` runs by default, in registration order."""
+    return [n for n, e in REGISTRY.items() if e.study]
+
+
+class _RegistryView(Mapping):
+    """Read-only name -> Task class view of the registry (live: a task registered later appears)."""
+
+    def __init__(self, study_only: bool):
+        self._study_only = study_only
+
+    def _names(self):
+        return [n for n, e in REGISTRY.items() if e.study or not self._study_only]
+
+    def __getitem__(self, name):
+        if name not in self._names():
+            raise KeyError(name)
+        return REGISTRY[name].cls
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self._names())
+
+    def __repr__(self):
+        return f"{{{', '.join(self._names())}}}"
+
+
+# Views, not copies: `TASKS` = the study's tasks, `KNOWN_TASKS` = every registered task.
+TASKS: Mapping[str, type[Task]] = _RegistryView(study_only=True)
+KNOWN_TASKS: Mapping[str, type[Task]] = _RegistryView(study_only=False)
+
+# The built-in tasks and their calibrated teacher / student settings (LabConfig's defaults are the addition ones).
+register_task(AdditionTask, lab_settings={})
+# reverse_sum: 300 teacher steps were not enough (exact match 0.28, loss 0.26; 600 steps: 1.0). The student's dev
+# exact match jumped from 0.0 at step 100 to 0.49 at step 200 (checks every 10 steps from 200 on stopped it at 0.54
+# held-out, and all-token OPD then reached 1.0 in 40 steps: no room to compare rules), so it is checked every 2 steps
+# from 120 on against a lower target.
+register_task(ReverseSumTask, lab_settings=dict(teacher_steps=600, student_steps=800, student_target_em=0.15,
+                                                student_check_every=2, student_min_steps=120))
+# addition_swapped: the addition lab's sizes and steps; only the teacher's order differs. Scenario-only (lab.scenarios).
+register_task(SwappedScratchpadTask, lab_settings={}, study=False)
+
+
+def import_task_modules(modules) -> None:
+    """Import user modules that call `register_task` (`--task_module`); a missing module is a ValueError."""
+    import importlib
+
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and name.startswith(err.name):
+                raise ValueError(f"--task_module {name!r}: no such module (is its directory on PYTHONPATH or the "
+                                 "current directory?)") from None
+            raise
 
 
 def get_task(name: str | Task, config: dict | None = None) -> Task:
     """A task instance by registry name (a Task passes through); `config` overrides its settings."""
     if isinstance(name, Task):
         return name
-    if name not in KNOWN_TASKS:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(KNOWN_TASKS)} (--task NAME)")
-    cls = KNOWN_TASKS[name]
+    if not isinstance(name, str):
+        raise ValueError(f"get_task needs a task name or a Task, got {name!r}")
+    cls = task_entry(name).cls
     return cls.from_dict(config) if config else cls()

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lab import task as addition
+from lab import addition
 from lab.models import LabConfig, ModelSize
 from lab.scenarios import CURVE_KEYS, SCENARIOS, run_scenarios, t_interval
 from lab.study import StudySettings
@@ -19,8 +19,9 @@ STEPS = 6
 
 def tiny_labs():
     common = dict(teacher=ModelSize(1, 64, 2, 128), student=ModelSize(1, 64, 2, 128), teacher_steps=40,
-                  student_steps=2, student_target_em=None, batch_size=16, n_eval=8, n_train_prompts=32, num_threads=1)
-    return {"addition": LabConfig(**common), "addition_swapped": LabConfig(task_name="addition_swapped", **common)}
+                  student_steps=2, student_target_em=None, batch_size=16, n_eval=8, n_train_prompts=32, num_threads=1,
+                  teacher_min_em=None)
+    return {"addition": LabConfig(task_name="addition", **common), "addition_swapped": LabConfig(task_name="addition_swapped", **common)}
 
 
 @pytest.fixture(scope="module")

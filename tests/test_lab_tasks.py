@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from lab import task as addition
+from lab import addition
 from lab.models import LabConfig, build_model, completion_token_stats, default_lab_config, recovery_rate
 from lab.tasks import (
     EOS_TOKEN,
@@ -104,7 +104,11 @@ def test_lab_config_round_trip_per_task():
     again = LabConfig.from_dict(cfg.to_dict())
     assert again.task_name == "reverse_sum" and isinstance(again.task, ReverseSumConfig)
     assert again.cache_key() == cfg.cache_key() != default_lab_config("addition").cache_key()
-    assert isinstance(LabConfig.from_dict(LabConfig().to_dict()).task, addition.TaskConfig)
+    assert isinstance(LabConfig.from_dict(LabConfig(task_name="addition").to_dict()).task, addition.TaskConfig)
+    with pytest.raises(ValueError, match="task_name"):
+        LabConfig()  # no silent default task
+    with pytest.raises(ValueError, match="no task_name"):
+        LabConfig.from_dict({"teacher_steps": 3})
 
 
 def test_correction_columns_only_for_a_correction_task():
@@ -118,3 +122,73 @@ def test_correction_columns_only_for_a_correction_task():
     torch.testing.assert_close(torch.cat([s["kl"] for s in stats]), torch.zeros(sum(len(c) for c in comps)),
                                atol=1e-5, rtol=0)
     assert recovery_rate(model, prompts, task=task) == {}
+
+
+def test_register_task_is_the_one_registry():
+    from lab.tasks import KNOWN_TASKS, REGISTRY, register_task
+
+    class Other(ReverseSumTask):
+        name = "reverse_sum_other"
+
+    try:
+        register_task(Other, lab_settings={"teacher_steps": 7}, study=False)
+        # the views see it at once (no copy made at import), the study's default list does not
+        assert "reverse_sum_other" in KNOWN_TASKS and "reverse_sum_other" not in TASKS
+        assert isinstance(get_task("reverse_sum_other"), Other)
+        cfg = default_lab_config("reverse_sum_other")
+        assert cfg.teacher_steps == 7 and isinstance(cfg.task, ReverseSumConfig)
+        with pytest.raises(ValueError, match="already registered"):
+            class Clash(ReverseSumTask):
+                name = "reverse_sum_other"
+
+            register_task(Clash)
+        with pytest.raises(ValueError, match="may not set"):
+            register_task(Other, lab_settings={"task_name": "x"}, replace=True)
+    finally:
+        REGISTRY.pop("reverse_sum_other", None)
+    with pytest.raises(ValueError, match="unknown task 'reverse_sum_other'"):
+        default_lab_config("reverse_sum_other")
+
+
+def test_teacher_and_student_have_separate_cache_keys():
+    cfg = default_lab_config("addition")
+    retuned = LabConfig.from_dict({**cfg.to_dict(), "student_target_em": 0.2, "student_steps": 500})
+    assert retuned.role_key("teacher") == cfg.role_key("teacher")
+    assert retuned.role_key("student") != cfg.role_key("student")
+    bigger = LabConfig.from_dict({**cfg.to_dict(), "teacher_steps": 900})
+    assert bigger.role_key("student") == cfg.role_key("student") and bigger.role_key("teacher") != cfg.role_key(
+        "teacher")
+    # the calibration thresholds decide acceptance, not the weights: no key changes
+    loose = LabConfig.from_dict({**cfg.to_dict(), "teacher_min_em": 0.5, "student_em_tolerance": 0.3})
+    assert (loose.cache_key(), loose.role_key("teacher"), loose.role_key("student")) == (
+        cfg.cache_key(), cfg.role_key("teacher"), cfg.role_key("student"))
+
+
+def test_calibration_misses_are_errors_with_the_numbers():
+    from lab.models import CalibrationError, check_calibration
+
+    cfg = default_lab_config("reverse_sum")  # target 0.15, tolerance 0.1, teacher >= 0.9
+    with pytest.raises(CalibrationError, match=r"exact match 0.8 < teacher_min_em 0.9"):
+        check_calibration("teacher", {"exact_match": 0.8, "steps": 600, "final_loss": 0.1}, cfg)
+    check_calibration("teacher", {"exact_match": 0.95, "steps": 600, "final_loss": 0.1}, cfg)
+    with pytest.raises(CalibrationError, match="never reached student_target_em 0.15 in 800 steps"):
+        check_calibration("student", {"stopped_early": False, "last_check": 0.05, "max_steps": 800,
+                                      "check_history": [[798, 0.04], [800, 0.05]]}, cfg)
+    with pytest.raises(CalibrationError, match="dev exact match 0.400, more than student_em_tolerance 0.1"):
+        check_calibration("student", {"stopped_early": True, "last_check": 0.4, "steps": 200,
+                                      "check_history": [[198, 0.0], [200, 0.4]]}, cfg)
+    check_calibration("student", {"stopped_early": True, "last_check": 0.125, "steps": 194}, cfg)
+
+
+def test_a_teacher_that_misses_calibration_is_not_cached(tmp_path):
+    import os
+
+    from lab.models import CalibrationError, ModelSize, prepare_lab_models
+
+    cfg = LabConfig(task=ReverseSumConfig(digits=3), task_name="reverse_sum", teacher=ModelSize(1, 64, 2, 128),
+                    student=ModelSize(1, 64, 2, 128), teacher_steps=2, student_steps=2, student_target_em=None,
+                    batch_size=8, n_eval=8, n_train_prompts=16, num_threads=1, teacher_min_em=0.99)
+    with pytest.raises(CalibrationError, match="teacher of task 'reverse_sum' missed its calibration target"):
+        prepare_lab_models(str(tmp_path), cfg, progress=False)
+    assert [d for d in os.listdir(tmp_path) if not d.startswith(".")] == []
+    assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == []  # no half-written work dirs either

@@ -51,6 +51,11 @@ Choices docs/METHODS.md leaves open, and what this module does:
 - weighting="soft" (an extension no paper offers): keep every token and weight it by the rule's score (negative
   values clipped to 0) scaled to mean 1 (all-zero scores give weight 1). Only for rules that return a score;
   it overrides importance_weights.
+- weighting="mixed" (an extension no paper offers; the lab's moonshot candidate): keep every token; the rule's kept
+  set K (k tokens of the N in the scope) gets weight (1 - mix) + mix N / k, every other token 1 - mix (mean weight
+  exactly 1; `mix` in (0, 1], default 0.5; mix = 1 with the kept_tokens normalization is the hard rule). All tokens
+  anchor the update, the rule's tokens get the emphasis; works for any rule, with or without a score, and
+  overrides the rule's own weights.
 - Scores should be finite: an inf KL (teacher -inf logits where the student has mass) breaks min-max scaling.
 """
 
@@ -151,12 +156,15 @@ def select(
     sequence_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     weighting: str = "hard",
+    mix: float = 0.5,
     **options,
 ) -> TokenChoice:
     """Apply selection `rule` at retention ratio `ratio` in (0, 1] (see the module docstring)."""
     spec = _spec(rule)
-    if weighting not in ("hard", "soft"):
-        raise ValueError(f"weighting must be 'hard' or 'soft', got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "mixed" and not 0.0 < mix <= 1.0:
+        raise ValueError(f"mix must be in (0, 1], got {mix}")
     ratio = float(ratio)
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -192,7 +200,18 @@ def select(
         mean = w.mean()
         w = w / mean if mean > 0 else torch.ones_like(w)
         sel = TokenChoice(keep=torch.ones(n, dtype=torch.bool, device=device), weights=w.float(), score=sel.score)
+    elif weighting == "mixed":
+        k = int(sel.keep.sum())
+        w = torch.full((n,), 1.0 - mix, dtype=torch.float64, device=device)
+        if k:
+            w[sel.keep] += mix * n / k
+        else:  # nothing kept: plain all-token weights
+            w.fill_(1.0)
+        sel = TokenChoice(keep=torch.ones(n, dtype=torch.bool, device=device), weights=w.float(), score=sel.score)
     return sel
+
+
+WEIGHTINGS = ("hard", "soft", "mixed")
 
 
 # ---------------------------------------------------------------- helpers

@@ -45,8 +45,10 @@ class SelectorConfig:
         default=None, metadata={"help": "Rule options as JSON, e.g. '{\"alpha\": 1}': the same options as the "
                                 "typed flags below (--alpha, --q_low, ...), for rules registered outside tip_ext."})
     selector_weighting: str = field(
-        default="hard", metadata={"help": "hard = keep mask; soft = keep all tokens weighted by the rule's score "
-                                  "(an extension none of the papers offers)."})
+        default="hard", metadata={"help": "hard = keep mask; soft = keep all tokens weighted by the rule's score; "
+                                  "mixed = keep all tokens, the rule's kept tokens weighted (1 - mix) + mix N/k, the "
+                                  "others 1 - mix (extensions none of the papers offers)."})
+    selector_mix: float = field(default=0.5, metadata={"help": "mix of --selector_weighting mixed, in (0, 1]."})
     census: bool = field(default=True, metadata={"help": "Log the quadrant census, kept/dropped statistics and the "
                                                  "overlap diagnostics (overlap/*, over the kept tokens, K = the "
                                                  "trainer's overlap_k)."})
@@ -102,8 +104,10 @@ class SelectorConfig:
             raise ValueError(f"--ratio must be in (0, 1], got {self.ratio}.")
         if self.scope not in SCOPES:
             raise ValueError(f"--scope must be one of {SCOPES}, got {self.scope!r}.")
-        if self.selector_weighting not in ("hard", "soft"):
-            raise ValueError(f"--selector_weighting must be 'hard' or 'soft', got {self.selector_weighting!r}.")
+        if self.selector_weighting not in ("hard", "soft", "mixed"):
+            raise ValueError(f"--selector_weighting must be 'hard', 'soft' or 'mixed', got {self.selector_weighting!r}.")
+        if not 0.0 < self.selector_mix <= 1.0:
+            raise ValueError(f"--selector_mix must be in (0, 1], got {self.selector_mix}.")
         if self.support_top_k < 1:
             raise ValueError(f"--support_top_k must be >= 1 (the K of the top-K support sets), got {self.support_top_k}.")
         if not 0.0 < self.census_quantile < 1.0:
@@ -162,7 +166,7 @@ class TipSelector(TokenSelector):
     def choose(self, stats, sequence_ids, positions, generator) -> TokenChoice:
         cfg = self.config
         sel = select(cfg.selector, stats, cfg.ratio, sequence_ids=sequence_ids, generator=generator,
-                     weighting=cfg.selector_weighting, **self.options)
+                     weighting=cfg.selector_weighting, mix=cfg.selector_mix, **self.options)
         metrics = {}
         if cfg.census and sel.keep.numel():
             census = quadrant_census(stats["entropy_norm"], stats["reverse_kl"], sel.keep, cfg.census_quantile)

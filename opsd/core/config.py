@@ -122,7 +122,8 @@ class OPDConfig(DistillationConfig):
         metadata={"help": "Estimator of the per-token objective (opsd/core/estimators.py): full = the divergence over "
                   "the whole vocabulary; student_topk / teacher_topk / intersection / union = the divergence with "
                   "both distributions renormalized on that top-k token set (biased); sampled = REINFORCE on the "
-                  "sampled token with advantage log P_T(y) - log P_S(y) (unbiased gradient; reverse_kl only)."},
+                  "sampled token with advantage log P_T(y) - log P_S(y) (unbiased gradient; reverse_kl only); teacher_free = "
+                  "OPSA's control: the same update with a fixed advantage -1, no teacher signal (reverse_kl only)."},
     )
     loss_support_k: int = field(default=16, metadata={"help": "k of the top-k loss supports (and of the topk "
                                                              "control variate)."})
@@ -200,6 +201,9 @@ class OPDConfig(DistillationConfig):
         if self.loss_support_control_variate != "none" and self.loss_support != "sampled":
             raise ValueError("loss_support_control_variate applies to loss_support=sampled only; set "
                              "--loss_support sampled or --loss_support_control_variate none.")
+        if self.loss_support == "teacher_free" and self.loss_type != "reverse_kl":
+            raise ValueError("loss_support=teacher_free (OPSA's control) uses no divergence: leave --loss_type "
+                             "reverse_kl.")
         if self.loss_support == "sampled" and self.loss_type != "reverse_kl":
             raise ValueError("loss_support=sampled estimates the reverse KL only: use --loss_type reverse_kl (or a "
                              "top-k --loss_support for forward_kl / jsd).")

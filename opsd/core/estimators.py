@@ -13,6 +13,12 @@ Given a kept row's student and teacher next-token distributions P_S, P_T = softm
   -A_t * grad log P_S(y_t). The value returned is log P_S(y_t) - log P_T(y_t), the one-sample estimate of KL_t, so
   the logged loss stays comparable to the full KL; the control variate changes the gradient only.
   b_t (`loss_support_control_variate`): `full` = KL_t over the vocabulary, `topk` = KL_t renormalized on S_k.
+- `teacher_free`: the OPSA control (arXiv 2608.31046): the same REINFORCE form as `sampled` on the rollout's own
+  token y_t, but with a fixed advantage A_t = -1 instead of the teacher's log-ratio: no teacher signal enters the
+  update. The per-row loss is log P_S(y_t) (value and gradient: grad log P_S(y_t)), so descending it lowers the
+  probability of every kept sampled token. The teacher still decides WHICH rows are kept when a selector reads
+  teacher statistics: this is the "same kept tokens, no teacher signal" control. The logged loss is the mean
+  log-probability (negative), not a divergence.
 
 Bias (see docs/third_paper.md): the top-k objectives are biased estimators of the full reverse KL, in value and in
 gradient: they ignore the mass outside K (the bias vanishes only when K holds all of both distributions' mass) and
@@ -36,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .heads import LMHead
 
-LOSS_SUPPORTS = ("full", "student_topk", "teacher_topk", "intersection", "union", "sampled")
+LOSS_SUPPORTS = ("full", "student_topk", "teacher_topk", "intersection", "union", "sampled", "teacher_free")
 TOPK_SUPPORTS = ("student_topk", "teacher_topk", "intersection", "union")
 CONTROL_VARIATES = ("none", "full", "topk")
 
@@ -101,8 +107,17 @@ def sampled_surrogate(zs: torch.Tensor, zt: torch.Tensor, token_ids: torch.Tenso
     return score - score.detach() + estimate  # value: the estimate; gradient: the score-function term
 
 
+def teacher_free_surrogate(zs: torch.Tensor, token_ids: torch.Tensor, advantage: float = -1.0) -> torch.Tensor:
+    """OPSA's teacher-free control: per-row loss -A * log P_S(y) with the fixed advantage A (default -1), i.e. the
+    REINFORCE loss of a constant negative reward on the sampled token (see module doc)."""
+    lp_s = F.log_softmax(zs, -1).gather(1, token_ids[:, None]).squeeze(1)
+    return -advantage * lp_s
+
+
 def _chunk_loss(zs, zt, token_ids, support, k, beta, control_variate):
     """(per-row loss, empty-set flag) of one chunk of temperature-scaled logits [n, V]."""
+    if support == "teacher_free":
+        return teacher_free_surrogate(zs, token_ids), torch.zeros_like(token_ids, dtype=torch.bool)
     if support == "sampled":
         baseline = None
         if control_variate != "none":
@@ -124,8 +139,9 @@ def support_divergence(student_hidden: torch.Tensor, student_head: LMHead, teach
     if support not in LOSS_SUPPORTS[1:]:
         raise ValueError(f"loss_support must be one of {LOSS_SUPPORTS[1:]} here ('full' is opsd.core.losses), "
                          f"got {support!r}")
-    if support == "sampled" and beta != 1.0:
-        raise ValueError("loss_support='sampled' estimates the reverse KL only: use loss_type=reverse_kl.")
+    if support in ("sampled", "teacher_free") and beta != 1.0:
+        raise ValueError(f"loss_support={support!r} is a reverse-KL-style sampled-token update only: use "
+                         "loss_type=reverse_kl.")
     if student_head.vocab != teacher_head.vocab:
         raise ValueError(f"Student and teacher heads cover different vocabularies ({student_head.vocab} vs "
                          f"{teacher_head.vocab}).")

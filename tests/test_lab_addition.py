@@ -1,4 +1,4 @@
-"""Tests of the CPU distillation lab's task (lab/task.py) and model helpers (lab/models.py). Seconds-long."""
+"""Tests of the CPU distillation lab's addition task (lab/addition.py) and model helpers (lab/models.py). Seconds-long."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from lab import task as T
+from lab import addition as T
+from lab.tasks import get_task
 from lab.models import (
     LabConfig,
     ModelSize,
@@ -18,6 +19,9 @@ from lab.models import (
     prepare_lab_models,
     recovery_rate,
 )
+
+
+ADD = get_task("addition")
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +238,17 @@ class _OracleModel(torch.nn.Module):
 
 def test_evaluate_exact_match_plumbing(tok):
     prompts = T.make_prompts(20, T.TaskConfig(min_digits=1), seed=0, split="eval")
-    assert evaluate_exact_match(_OracleModel(), tok, prompts, max_new_tokens=20, batch_size=7) == 1.0
-    assert evaluate_exact_match(_OracleModel(broken=True), tok, prompts, max_new_tokens=20) == 0.0
-    assert evaluate_exact_match(_OracleModel(), tok, prompts, max_new_tokens=3) == 0.0  # truncated
+    assert evaluate_exact_match(_OracleModel(), tok, prompts, max_new_tokens=20, batch_size=7, task=ADD) == 1.0
+    assert evaluate_exact_match(_OracleModel(broken=True), tok, prompts, max_new_tokens=20, task=ADD) == 0.0
+    assert evaluate_exact_match(_OracleModel(), tok, prompts, max_new_tokens=3, task=ADD) == 0.0  # truncated
 
 
 def _tiny_lab_config():
     return LabConfig(
         task=T.TaskConfig(min_digits=1, max_digits=2),
+        task_name="addition",
+        teacher_min_em=None,  # a 3-step teacher: the calibration check would (rightly) reject it
+        student_em_tolerance=None,
         teacher=ModelSize(1, 32, 2),
         student=ModelSize(1, 16, 2),
         teacher_steps=3,
@@ -295,14 +302,14 @@ def test_prepare_lab_models_tiny(tmp_path):
         assert model.generation_config.pad_token_id == tokenizer.pad_token_id
 
     prompts = [r["prompt"] for r in T.read_prompt_file(paths["eval_prompts"])]
-    em = evaluate_exact_match(student, tokenizer, prompts, max_new_tokens=12, batch_size=5)
+    em = evaluate_exact_match(student, tokenizer, prompts, max_new_tokens=12, batch_size=5, task=ADD)
     assert 0.0 <= em <= 1.0
     kl = heldout_kl(student, teacher, tokenizer, prompts, max_new_tokens=12, batch_size=5)
     assert math.isfinite(kl) and kl > 0.0
     kl_sampled = heldout_kl(student, teacher, tokenizer, prompts, max_new_tokens=12, greedy=False, seed=1)
     assert math.isfinite(kl_sampled) and kl_sampled > 0.0
     assert heldout_kl(student, student, tokenizer, prompts, max_new_tokens=12) == pytest.approx(0.0, abs=1e-5)
-    rates = recovery_rate(teacher, prompts)
+    rates = recovery_rate(teacher, prompts, task=ADD)
     assert all(0.0 <= v <= 1.0 for v in rates.values())
 
     loaded_teacher, _, loaded_tok = load_lab_models(out)
