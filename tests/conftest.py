@@ -48,3 +48,12 @@ def pytest_sessionstart(session):
 def pair(tmp_path_factory):
     """A saved tiny student (hidden 64) / teacher (hidden 128) pair sharing one 64-token tokenizer."""
     return save_pair(str(tmp_path_factory.mktemp("pair")))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """SmolLM2-135M-Instruct as a local checkpoint (lab/real_assets.py), built once into the repository cache
+    (.cache/real, or OPSD_REAL_CACHE) and reused by later sessions; the real-asset packages come with the test setup."""
+    from lab.real_assets import materialize_smollm2
+
+    return materialize_smollm2(quiet=True)
