@@ -255,7 +255,15 @@ def _child(args) -> dict:
         student = build_model(args.student, args.tiny, student_dtype, seed=0)
         teacher = build_model(args.teacher, args.tiny, teacher_dtype, seed=1)
         tokenizer = build_tokenizer(student.config.vocab_size)
+        if args.attn_implementation:
+            for model in (student, teacher):
+                model.set_attn_implementation(args.attn_implementation)
     build_s = time.perf_counter() - t0
+    saved = tempfile.TemporaryDirectory()
+    if args.vllm and not args.student_dir:  # vLLM loads the student from a directory (its name_or_path)
+        student.save_pretrained(saved.name)
+        tokenizer.save_pretrained(saved.name)
+        student = load_causal_lm(saved.name, dtype="float32", attn_implementation=args.attn_implementation)
     rows = args.batch * args.accumulation * (args.steps + 1)
     if args.student_dir:  # real prompts of several lengths (left padding, as in real runs)
         texts = [f"What is {17 * i + 3} + {29 * i % 97}? Explain briefly." + " Think step by step." * (i % 3)
@@ -273,11 +281,13 @@ def _child(args) -> dict:
                         use_cpu=not cuda, gradient_checkpointing=args.gradient_checkpointing,
                         chunk_size=args.chunk_size, divergence_backend=args.divergence_backend, disable_tqdm=True,
                         padding_free=setting["padding_free"], statistics_source=setting["statistics_source"],
-                        use_vllm=args.vllm, seed=0)
+                        use_vllm=args.vllm, vllm_mode="colocate", seed=0)
         selector = make_selector(SelectorConfig(selector=setting["rule"], ratio=setting["ratio"], census=False), cfg)
         trainer = OPDTrainer(student, teacher, args=cfg, train_dataset=data, processing_class=tokenizer,
                              token_selector=selector)
-        drawn = force_lengths(trainer, args.completion_length, args.length_spread) if args.length_spread < 1 else []
+        # vLLM samples in its own engine: lengths cannot be forced there (they are what the model samples)
+        spread = args.length_spread < 1 and not args.vllm
+        drawn = force_lengths(trainer, args.completion_length, args.length_spread) if spread else []
         clock = PhaseClock(cuda)
         hooks = instrument(trainer, clock)
         if cuda:
@@ -395,14 +405,16 @@ def main(argv=None):
                         "lab.real_assets` prints")
     parser.add_argument("--teacher_dir", default=None, help="a local model directory as the teacher (default: "
                         "--student_dir)")
-    parser.add_argument("--attn_implementation", default=None, help="with --student_dir: e.g. flash_attention_2")
+    parser.add_argument("--attn_implementation", default=None, help="attention kernel of both models, e.g. "
+                        "flash_attention_2 (CUDA: padding-free passes then run packed varlen rows)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS),
                         help="none or <rule>@<ratio>, each optionally with /padded and /separate (module help)")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (gradient "
                         "accumulation; length grouping needs more than one)")
     parser.add_argument("--length_spread", type=float, default=0.2, help="completion lengths uniform between this "
                         "fraction of --completion_length and all of it (1: all at the limit)")
-    parser.add_argument("--vllm", action="store_true", help="generate with vLLM (colocated; CUDA, when installed)")
+    parser.add_argument("--vllm", action="store_true", help="generate with vLLM (colocated; CUDA, when installed); "
+                        "the statistics then come from the separate pass and lengths are not forced")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per config (the first is a warm-up "
                         "when there are more than one)")
     parser.add_argument("--batch", type=int, default=8 if cuda else 2, help="rollouts per step")
