@@ -78,7 +78,8 @@ def main(mode, out, student_dir, teacher_dir):
     args = OPDConfig(output_dir=os.path.join(out, f"run{world}"), per_device_train_batch_size=SEQUENCES // world,
                      gradient_accumulation_steps=1, max_steps=1, learning_rate=1e-3, max_grad_norm=0.0,
                      max_completion_length=COMPLETION, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-                     logging_steps=1, padding_free=mode != "ddp_padded")
+                     logging_steps=1, padding_free=mode != "ddp_padded",
+                     unpadded_fill_threshold=1.0)
     data = Dataset.from_list([{"prompt": "1+1="}] * 8)
     ddp = mode in ("ddp", "ddp_padded")  # ddp_padded: the same with padding_free=false (the padded reference)
     selector = KeepSmallIds() if ddp else StatsOfEveryToken()

@@ -69,13 +69,15 @@ def test_length_sort_is_a_permutation_of_whole_rows():
         assert torch.equal(out[key], batch[key][order])
 
 
+@pytest.mark.parametrize("threshold", [1.0, 0.0])  # 1: every sequence unpadded; 0: the trimmed rectangle
 @pytest.mark.parametrize("normalization", ["kept_tokens", "sequence"])
 @pytest.mark.parametrize("rule", [None, "teachability", "soft_or"])
-def test_unpadded_passes_equal_the_padded_rectangle(pair, tmp_path, rule, normalization):
+def test_unpadded_passes_equal_the_padded_rectangle(pair, tmp_path, rule, normalization, threshold):
     def run(padding_free):
         sel = None if rule is None else TipSelector(SelectorConfig(selector=rule, ratio=0.4, support_top_k=4))
         trainer = make_trainer(pair, tmp_path, ga=2, bs=4, selector=sel, padding_free=padding_free,
-                               loss_normalization=normalization, max_prompt_length=None)
+                               loss_normalization=normalization, max_prompt_length=None,
+                               unpadded_fill_threshold=threshold)
         mbs = split(ragged_batch(), 2)
         if padding_free:
             mbs = [_trimmed(mb) for mb in mbs]
@@ -109,7 +111,7 @@ def test_unpadded_statistics_pass_equals_the_padded_one(pair, tmp_path):
         original = sel.statistics
         sel.statistics = lambda view: seen.append(original(view)) or seen[-1]
         trainer = make_trainer(pair, tmp_path, ga=2, bs=4, selector=sel, padding_free=padding_free,
-                               statistics_source="separate_pass")
+                               statistics_source="separate_pass", unpadded_fill_threshold=1.0)
         trainer.model.train()
         trainer._select_tokens(split(ragged_batch(), 2))
         stats[padding_free] = seen
@@ -123,7 +125,8 @@ def _train_gradients(pair, tmp_path, padding_free, selector=None, **cfg):
     grads = SaveGradients()
     settings = dict(output_dir=str(tmp_path / f"out{padding_free}"), per_device_train_batch_size=2,
                     gradient_accumulation_steps=4, max_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True,
-                    save_strategy="no", max_completion_length=9, logging_steps=1, seed=0, padding_free=padding_free)
+                    save_strategy="no", max_completion_length=9, logging_steps=1, seed=0, padding_free=padding_free,
+                    unpadded_fill_threshold=1.0)
     settings.update(cfg)
     trainer = FixedCompletions(ragged_batch(), load_causal_lm(student), teacher, args=OPDConfig(**settings),
                                train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 8),
@@ -164,3 +167,17 @@ def test_micro_batch_scope_keeps_the_random_split(pair, tmp_path):
     assert trainer._groups_by_length({"prompt_ids": 0})
     trainer.args.padding_free = False
     assert not trainer._groups_by_length({"prompt_ids": 0})
+
+
+@pytest.mark.parametrize("threshold,per_sequence", [(1.0, True), (0.0, False), (0.6, False), (0.7, True), (0.9, True)])
+def test_fill_threshold_picks_the_pass(pair, tmp_path, threshold, per_sequence):
+    """The first micro-batch of ragged_batch fills 31 of 4 x 12 trimmed cells (0.65: < 0.7, >= 0.6)."""
+    trainer = make_trainer(pair, tmp_path, unpadded_fill_threshold=threshold)
+    mb = _trimmed(split(ragged_batch(), 2)[0])
+    assert mb["prompt_ids"].shape[1] + mb["completion_ids"].shape[1] == 12
+    calls = []
+    original = trainer._get_last_hidden_state
+    trainer._get_last_hidden_state = lambda model, ids, *a: calls.append(ids.shape[0]) or original(model, ids, *a)
+    with torch.no_grad():
+        trainer._completion_hidden(trainer.model, mb)
+    assert calls == ([1] * 4 if per_sequence else [4])

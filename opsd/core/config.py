@@ -150,6 +150,14 @@ class OPDConfig(DistillationConfig):
                   "split), and each sequence runs unpadded (on CUDA with a flash-attention model: one packed row "
                   "with restarting position_ids). false = the padded rectangle (PADDING_FREE in the scripts)."},
     )
+    unpadded_fill_threshold: float = field(
+        default=0.7,
+        metadata={"help": "With padding_free on CPU (or without flash attention): run each sequence unpadded only when "
+                  "real tokens fill less than this fraction of the micro-batch's trimmed rectangle, else the trimmed "
+                  "rectangle (one pass per sequence costs more per token than a batched pass: BENCHMARKS.md). "
+                  "1 = always unpadded, 0 = never (trim and length grouping only). Packed flash-attention rows on CUDA "
+                  "are used whatever the fill."},
+    )
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -174,6 +182,8 @@ class OPDConfig(DistillationConfig):
             raise ValueError(f"max_consecutive_skipped_steps must be >= 0, got {self.max_consecutive_skipped_steps}.")
         if self.rollout_n < 1:
             raise ValueError(f"rollout_n must be >= 1, got {self.rollout_n}.")
+        if not 0.0 <= self.unpadded_fill_threshold <= 1.0:
+            raise ValueError(f"unpadded_fill_threshold must be in [0, 1], got {self.unpadded_fill_threshold}.")
         if self.statistics_source not in STATISTICS_SOURCES:
             raise ValueError(f"statistics_source must be one of {STATISTICS_SOURCES}, got {self.statistics_source!r}.")
         self._check_loss_support()

@@ -325,9 +325,10 @@ class OPDTrainer(DistillationTrainer):
         return self.token_selector is None or self.token_selector.scope != "micro_batch"
 
     def _completion_hidden(self, unwrapped, batch):
-        """Final hidden states [B, C, H] at the positions that predict each completion token (zeros past a sequence's
-        end with padding_free). padding_free: each sequence runs unpadded, or all of them packed into one row with
-        restarting position_ids when the model uses flash attention (varlen kernels); else the padded rectangle."""
+        """Final hidden states [B, C, H] at the positions that predict each completion token. padding_free: all
+        sequences packed into one row with restarting position_ids when the model uses flash attention on CUDA
+        (varlen kernels); else each sequence unpadded when real tokens fill less than `unpadded_fill_threshold` of
+        the rectangle (zeros past a sequence's end, never read); else the (trimmed) rectangle."""
         input_ids, attention_mask, width = self._model_inputs(batch)
         if not self.args.padding_free or not set(batch) <= _ROW_KEYS:
             return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
@@ -340,6 +341,9 @@ class OPDTrainer(DistillationTrainer):
         attention = getattr(unwrapped.config, "_attn_implementation", "") or ""
         if attention.startswith("flash_attention") and input_ids.is_cuda:
             return self._packed_hidden(unwrapped, rows, prompt_lengths, lengths, width)
+        fill = (sum(prompt_lengths) + sum(lengths)) / max(1, input_ids.numel())
+        if fill >= self.args.unpadded_fill_threshold:  # a batched pass over the (trimmed) rectangle is cheaper
+            return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
         out = []
         for row, p, c in zip(rows, prompt_lengths, lengths):
             if c == 0:
