@@ -47,7 +47,7 @@ def selector(rule="teachability", ratio=0.5, census=True):
     return TipSelector(SelectorConfig(selector=rule, ratio=ratio, support_top_k=4, census=census), chunk_size=5)
 
 
-def prepare(trainer, seed=0):
+def prepare(trainer, seed=0, prompts=PROMPTS):
     """One step's micro-batches through _prepare_inputs (generation, statistics, selection); records the views."""
     views = []
     original = trainer.token_selector.statistics
@@ -61,7 +61,7 @@ def prepare(trainer, seed=0):
     trainer.model.train()
     torch.manual_seed(seed)
     trainer._step, trainer._buffered_inputs = 0, None
-    trainer._prepare_inputs([{"prompt": p} for p in PROMPTS])
+    trainer._prepare_inputs([{"prompt": p} for p in prompts])
     trainer.token_selector.statistics = original
     return trainer._buffered_inputs, views
 
@@ -167,3 +167,29 @@ def test_capture_is_off_where_it_cannot_work(pair, tmp_path):
 def test_bad_statistics_source_fails_early(tmp_path):
     with pytest.raises(ValueError, match="statistics_source"):
         OPDConfig(output_dir=str(tmp_path), statistics_source="logits")
+
+
+def test_real_smollm2_recorded_statistics_equal_the_separate_pass(real_model_dir, tmp_path):
+    """The real SmolLM2-135M-Instruct (30 layers, chat template, its own tokenizer) as student and teacher."""
+    path = str(real_model_dir)
+    prompts = [[{"role": "user", "content": text}] for text in ("What is 2 + 3?", "Name a colour.",
+                                                                 "Write the number seven in digits, then stop.",
+                                                                 "Hi")]
+    args = OPDConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     report_to=[], bf16=False, use_cpu=True, max_completion_length=6, save_strategy="no", seed=0)
+    sel = selector("soft_or", 0.5, census=False)
+    trainer = OPDTrainer(load_causal_lm(path), path, args=args,
+                         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                         processing_class=load_tokenizer(path), token_selector=sel)
+    micro_batches, views = prepare(trainer, prompts=prompts)
+    assert torch.cat([mb["prompt_mask"].sum(1) for mb in micro_batches]).unique().numel() > 1  # left padding
+    heads = trainer._heads(trainer.accelerator.unwrap_model(trainer.model),
+                           trainer.accelerator.unwrap_model(trainer.teacher_model))
+    for mb, (captured, stats) in zip(micro_batches, views):
+        reference = separate_pass_hidden(trainer, mb)
+        torch.testing.assert_close(captured, reference, rtol=1e-4, atol=1e-4)
+        flat, _, _ = valid_token_index(trainer._loss_mask(mb))
+        h_t = mb["teacher_hidden"].reshape(-1, mb["teacher_hidden"].shape[-1])[flat]
+        ref = token_stats_from_hidden(reference, heads[0], h_t, heads[1], top_k=4, chunk_size=5, names=tuple(stats))
+        for name in stats:
+            torch.testing.assert_close(stats[name], ref[name], rtol=1e-3, atol=1e-4, msg=name)
