@@ -342,7 +342,9 @@ class OPDTrainer(DistillationTrainer):
         if attention.startswith("flash_attention") and input_ids.is_cuda:
             return self._packed_hidden(unwrapped, rows, prompt_lengths, lengths, width)
         fill = (sum(prompt_lengths) + sum(lengths)) / max(1, input_ids.numel())
-        if fill >= self.args.unpadded_fill_threshold:  # a batched pass over the (trimmed) rectangle is cheaper
+        # a batched pass over the (trimmed) rectangle: when it is cheaper, and under ZeRO-3/FSDP, where every module
+        # call gathers its sharded weights (one call per sequence would gather them once per sequence)
+        if fill >= self.args.unpadded_fill_threshold or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
         out = []
         for row, p, c in zip(rows, prompt_lengths, lengths):
