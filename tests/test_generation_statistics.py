@@ -193,3 +193,16 @@ def test_real_smollm2_recorded_statistics_equal_the_separate_pass(real_model_dir
         ref = token_stats_from_hidden(reference, heads[0], h_t, heads[1], top_k=4, chunk_size=5, names=tuple(stats))
         for name in stats:
             torch.testing.assert_close(stats[name], ref[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_unexpected_backbone_calls_fall_back_to_the_separate_pass(pair, tmp_path):
+    trainer = make(pair, tmp_path, selector=selector(census=False))
+    backbone = trainer._capture_module()
+    head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
+    # one more backbone call per sampled token (as beam search or assisted decoding would make): counts mismatch
+    extra = head.register_forward_hook(lambda m, i, out: [backbone(input_ids=torch.zeros(out.shape[0], 1).long())] and None)
+    with pytest.warns(UserWarning, match="separate statistics pass"):
+        micro_batches, views = prepare(trainer)
+    extra.remove()
+    for mb, (captured, _) in zip(micro_batches, views):
+        torch.testing.assert_close(captured, separate_pass_hidden(trainer, mb), rtol=1e-4, atol=1e-5)

@@ -306,9 +306,10 @@ class OPDTrainer(DistillationTrainer):
         finally:
             handle.remove()
         longest = max((len(c) for c in completion_ids), default=0)
-        if len(steps) != longest:  # not one backbone call per token (an engine we do not know): separate pass
-            warnings.warn(f"statistics_source=generation: {len(steps)} backbone calls for {longest} sampled tokens; "
-                          "this step uses the separate statistics pass.", stacklevel=2)
+        if len(steps) != longest or any(h.shape[0] != len(prompt_ids) for h in steps):
+            # not one backbone call per sampled token and rollout (beam search, assisted decoding): separate pass
+            warnings.warn(f"statistics_source=generation: {len(steps)} backbone calls for {longest} sampled tokens "
+                          f"of {len(prompt_ids)} rollouts; this step uses the separate statistics pass.", stacklevel=2)
             return completion_ids
         self._captured_hidden = torch.stack(steps, dim=1)  # [B, T, H]: row b, column j -> completion token j
         return completion_ids
