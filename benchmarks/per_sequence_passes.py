@@ -1,6 +1,6 @@
 # Forward + backward of SmolLM2-135M-Instruct (30 layers, float32, train mode, 1 thread): 4 sequences as one padded
 # batch vs one unpadded pass per sequence; min CPU seconds of 3 after a warm-up. Run from the repository root after
-# `python -m lab.real_assets`: `OMP_NUM_THREADS=1 python benchmarks/per_sequence_passes.py`.
+# `python -m lab.real_assets`: `OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/per_sequence_passes.py`.
 # Output of the run in BENCHMARKS.md (2026-12-03, load average 12-14): benchmarks/per_sequence_passes.txt.
 import time, torch, sys
 torch.set_num_threads(1)
