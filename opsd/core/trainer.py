@@ -1,13 +1,19 @@
 """OPDTrainer: memory-efficient on-policy distillation as a subclass of TRL's DistillationTrainer.
 
 One optimizer step, top to bottom (README "Layout", patches/README.md, docs/METHODS.md for the formulas):
-1. `_prepare_inputs`: the student samples completions for the generation batch (TRL's generation, HF or vLLM),
-   rollout metrics (prompts, completions, accuracy when a reward function is set), optional reward weights, shuffle
-   and split into gradient-accumulation micro-batches.
-2. `_select_tokens` (THE place a token's keep mask is decided): with a selector, a no-grad pass computes the
-   student's and the teacher's hidden states at the valid completion positions (the teacher's are cached, so the
-   teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
-   per-token loss factors are built for the configured normalization. Without a selector: keep every valid token.
+1. `_prepare_inputs`: the student samples completions for the generation batch (TRL's generation, HF or vLLM; with
+   statistics_source=generation its final hidden states are recorded on the way, one per sampled token), rollout
+   metrics (prompts, completions, accuracy when a reward function is set), optional reward weights, shuffle (with
+   padding_free: sorted by length where the split does not matter) and split into gradient-accumulation
+   micro-batches (with padding_free: each trimmed to its own rectangle).
+2. `_select_tokens` (THE place a token's keep mask is decided): with a selector, the teacher's hidden states at the
+   valid completion positions are computed and cached (the teacher runs once per step) and the student's are the
+   recorded ones (or, with statistics_source=separate_pass, a no-grad forward); the selector turns them into
+   per-token statistics and a keep mask per scope; then per-token loss factors are built for the configured
+   normalization. Without a selector: keep every valid token.
+   Backbone passes (`_completion_hidden`) run padding-free (docs/METHODS.md 3b) unless padding_free=false.
+   Every step logs time/generation, time/teacher, time/statistics, time/forward_backward, time/optimizer: process
+   CPU seconds per optimizer step (`_phase`).
 3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, the rows
    `_select_tokens` kept (`loss_keep`) go through the lm_heads and the divergence
    (`opsd.core.losses.weighted_divergence_loss`), loss = sum f_t * l_t. A micro-batch that keeps nothing still puts the
