@@ -241,7 +241,8 @@ class OPDTrainer(DistillationTrainer):
                     finally:
                         self._capture_wanted = False
                 captured, self._captured_hidden = self._captured_hidden, None
-                if captured is not None:
+                if captured is not None and captured.shape[0] == batch["completion_ids"].shape[0]:
+                    # (a generation split over several generate calls would record only the last: not used then)
                     batch["student_hidden"] = _fit_columns(captured, batch["completion_ids"].shape[1])
                 rewards = self._rollout_metrics(generation_batch, batch)
                 if self.reward_fn is not None and self.args.reward_beta and self.args.reward_beta > 0:
