@@ -2,7 +2,6 @@
 computation's teacher states, statistics, keep decisions, losses and gradients within float tolerance (odd lengths,
 a length-1 completion, EOS-ended and clipped sequences, tool masks, several micro-batches, trainer.train())."""
 
-import copy
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from datasets import Dataset
 
 from opsd.core.config import OPDConfig
 from opsd.core.models import load_causal_lm, load_tokenizer
-from opsd.core.trainer import OPDTrainer, _sorted_by_length, _trimmed
+from opsd.core.trainer import _sorted_by_length, _trimmed
 from support import FixedCompletions, SaveGradients, make_trainer, trainer_loss_and_grads
 from tip_ext.trainer import SelectorConfig, TipSelector
 
