@@ -54,6 +54,8 @@
 #   OPD_LOSS_TYPE                  [reverse_kl] reverse_kl | forward_kl | jsd
 #   OPD_JSD_BETA                   [0.5]
 #   OPD_CHUNK_SIZE                 [512, upstream script: 256] rows per chunk of the divergence
+#   PADDING_FREE                   [1] 1 = teacher and student passes pay for real tokens only (trimmed, length-
+#                                  grouped micro-batches, unpadded sequences); 0 = the padded rectangle
 #   OPD_LOSS_NORMALIZATION         [kept_tokens] kept_tokens | all_tokens | sequence (global over the step)
 #   OPD_REWARD_BETA                [unset = off] reward weighting w = n softmax(r / beta)
 #   OPD_REWARD_WEIGHTING           [global] global | upstream (upstream's per-micro-batch objective)
@@ -389,6 +391,7 @@ args=(
   --loss_type "$OPD_LOSS_TYPE"
   --jsd_beta "${OPD_JSD_BETA:-0.5}"
   --chunk_size "${OPD_CHUNK_SIZE:-512}"
+  --padding_free "$(opsd_bool PADDING_FREE "${PADDING_FREE:-1}")"
   --loss_normalization "${OPD_LOSS_NORMALIZATION:-kept_tokens}"
   --reward_weighting "${OPD_REWARD_WEIGHTING:-global}"
   --reward_function "$REWARD_FUNCTION"

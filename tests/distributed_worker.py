@@ -7,6 +7,7 @@
 DDP built by accelerate) on fixed completions split over the ranks; a selector keeps only tokens with id <= 20,
 which the last rank's completions never contain, so that rank keeps no token. Each rank saves its gradients just
 before the optimizer step (DDP has averaged them by then).
+`ddp_padded`: the same with padding_free=false (the padded rectangle: the reference of the padding-free passes).
 `fsdp2`: student and teacher sharded with FSDP2 (fully_shard); the statistics pass of `_select_tokens` must read
 whole lm_head weights; each rank saves the statistics and keep masks.
 """
@@ -77,12 +78,14 @@ def main(mode, out, student_dir, teacher_dir):
     args = OPDConfig(output_dir=os.path.join(out, f"run{world}"), per_device_train_batch_size=SEQUENCES // world,
                      gradient_accumulation_steps=1, max_steps=1, learning_rate=1e-3, max_grad_norm=0.0,
                      max_completion_length=COMPLETION, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-                     logging_steps=1)
+                     logging_steps=1, padding_free=mode != "ddp_padded",
+                     unpadded_fill_threshold=1.0)
     data = Dataset.from_list([{"prompt": "1+1="}] * 8)
-    selector = KeepSmallIds() if mode == "ddp" else StatsOfEveryToken()
+    ddp = mode in ("ddp", "ddp_padded")  # ddp_padded: the same with padding_free=false (the padded reference)
+    selector = KeepSmallIds() if ddp else StatsOfEveryToken()
     trainer = FixedCompletions(global_batch(), load_causal_lm(student_dir), teacher_dir, args=args, train_dataset=data,
                                processing_class=load_tokenizer(student_dir), token_selector=selector)
-    if mode == "ddp":
+    if ddp:
         trainer.add_callback(SaveGradients(os.path.join(out, f"grads_world{world}_rank{rank}.pt")))
         trainer.train()
         return

@@ -49,6 +49,19 @@ def test_ddp_rank_with_no_kept_token_finishes_and_matches_one_process(pair, tmp_
     assert max(g.abs().max().item() for g in one.values()) > 0  # tokens were kept: the step did learn
 
 
+def test_ddp_padding_free_matches_padded_one_process(pair, tmp_path):
+    """2 processes with unpadded per-sequence passes (DDP, gradient checkpointing) == 1 process, padded."""
+    student, teacher = pair
+    _run(["ddp", str(tmp_path), student, teacher], nproc=2)
+    _run(["ddp_padded", str(tmp_path), student, teacher], nproc=1)
+    padded = torch.load(tmp_path / "grads_world1_rank0.pt")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grads_world2_rank{rank}.pt")
+        assert set(got) == set(padded)
+        for name, grad in padded.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fsdp2_statistics_pass_reads_whole_lm_head_weights(pair, tmp_path):
     student, teacher = pair
     _run(["fsdp2", str(tmp_path), student, teacher], nproc=2)

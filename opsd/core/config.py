@@ -16,6 +16,7 @@ LOSS_TYPES = ("reverse_kl", "forward_kl", "jsd")
 LOSS_NORMALIZATIONS = ("kept_tokens", "all_tokens", "sequence")
 REWARD_WEIGHTINGS = ("global", "upstream")
 DIVERGENCE_BACKENDS = ("auto", "trl", "chunked", "fused")
+STATISTICS_SOURCES = ("generation", "separate_pass")
 
 
 @dataclass
@@ -141,6 +142,32 @@ class OPDConfig(DistillationConfig):
                   "that logs them itself (TokenSelector.logs_overlap) computes them in its own statistics pass."},
     )
     overlap_k: int = field(default=16, metadata={"help": "K of the overlap diagnostics' top-K sets."})
+    statistics_source: str = field(
+        default="generation",
+        metadata={"help": "Where the student's hidden states for the selector's statistics (and the overlap "
+                  "diagnostics) come from: generation = captured while the student samples the rollouts (HF "
+                  "generate; the statistics pass is then head projections only, no second student backbone "
+                  "forward), separate_pass = one no-grad student forward per micro-batch (the exact reference). "
+                  "generation falls back to separate_pass where capture cannot work (vLLM, tool calls, "
+                  "multimodal inputs)."},
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Pay for real tokens, not the padded rectangle, in the teacher pass and the student's "
+                  "gradient forward: each micro-batch is trimmed to its own longest prompt and completion, the "
+                  "step's sequences are sorted by length before they are split into micro-batches (not with "
+                  "scope=micro_batch selectors or reward_weighting=upstream, whose objective depends on the "
+                  "split), and each sequence runs unpadded (on CUDA with a flash-attention model: one packed row "
+                  "with restarting position_ids). false = the padded rectangle (PADDING_FREE in the scripts)."},
+    )
+    unpadded_fill_threshold: float = field(
+        default=0.7,
+        metadata={"help": "With padding_free on CPU (or without flash attention): run each sequence unpadded only when "
+                  "real tokens fill less than this fraction of the micro-batch's trimmed rectangle, else the trimmed "
+                  "rectangle (one pass per sequence costs more per token than a batched pass: BENCHMARKS.md). "
+                  "1 = always unpadded, 0 = never (trim and length grouping only). Packed flash-attention rows on CUDA "
+                  "are used whatever the fill."},
+    )
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -173,6 +200,10 @@ class OPDConfig(DistillationConfig):
                 self.generation_kwargs = {**(self.generation_kwargs or {}), "do_sample": False}
         if self.rollout_n < 1:
             raise ValueError(f"rollout_n must be >= 1, got {self.rollout_n}.")
+        if not 0.0 <= self.unpadded_fill_threshold <= 1.0:
+            raise ValueError(f"unpadded_fill_threshold must be in [0, 1], got {self.unpadded_fill_threshold}.")
+        if self.statistics_source not in STATISTICS_SOURCES:
+            raise ValueError(f"statistics_source must be one of {STATISTICS_SOURCES}, got {self.statistics_source!r}.")
         self._check_loss_support()
         # TRL's beta: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher), between = JSD.
         self.beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": self.jsd_beta}[self.loss_type]

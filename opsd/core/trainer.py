@@ -1,13 +1,19 @@
 """OPDTrainer: memory-efficient on-policy distillation as a subclass of TRL's DistillationTrainer.
 
 One optimizer step, top to bottom (README "Layout", patches/README.md, docs/METHODS.md for the formulas):
-1. `_prepare_inputs`: the student samples completions for the generation batch (TRL's generation, HF or vLLM),
-   rollout metrics (prompts, completions, accuracy when a reward function is set), optional reward weights, shuffle
-   and split into gradient-accumulation micro-batches.
-2. `_select_tokens` (THE place a token's keep mask is decided): with a selector, a no-grad pass computes the
-   student's and the teacher's hidden states at the valid completion positions (the teacher's are cached, so the
-   teacher runs once per step), the selector turns them into per-token statistics and a keep mask per scope; then
-   per-token loss factors are built for the configured normalization. Without a selector: keep every valid token.
+1. `_prepare_inputs`: the student samples completions for the generation batch (TRL's generation, HF or vLLM; with
+   statistics_source=generation its final hidden states are recorded on the way, one per sampled token), rollout
+   metrics (prompts, completions, accuracy when a reward function is set), optional reward weights, shuffle (with
+   padding_free: sorted by length where the split does not matter) and split into gradient-accumulation
+   micro-batches (with padding_free: each trimmed to its own rectangle).
+2. `_select_tokens` (THE place a token's keep mask is decided): with a selector, the teacher's hidden states at the
+   valid completion positions are computed and cached (the teacher runs once per step) and the student's are the
+   recorded ones (or, with statistics_source=separate_pass, a no-grad forward); the selector turns them into
+   per-token statistics and a keep mask per scope; then per-token loss factors are built for the configured
+   normalization. Without a selector: keep every valid token.
+   Backbone passes (`_completion_hidden`) run padding-free (docs/METHODS.md 3b) unless padding_free=false.
+   Every step logs time/generation, time/teacher, time/statistics, time/forward_backward, time/optimizer: process
+   CPU seconds per optimizer step (`_phase`).
 3. `_compute_loss` (per micro-batch, inside the DDP/FSDP-wrapped forward): student backbone with grad, the rows
    `_select_tokens` kept (`loss_keep`) go through the lm_heads and the divergence
    (`opsd.core.losses.weighted_divergence_loss`), loss = sum f_t * l_t. A micro-batch that keeps nothing still puts the
@@ -19,10 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import warnings
+from collections import defaultdict
 
 import torch
 from trl import DistillationTrainer
+from accelerate.utils import is_peft_model
 from trl.trainer.utils import (
     RepeatSampler,
     shuffle_sequence_dict,
@@ -178,6 +187,11 @@ class OPDTrainer(DistillationTrainer):
         self._nonfinite_in_step = False  # set by _compute_loss, read when the optimizer steps
         self._skipped_in_a_row = 0
         self._entropy_totals = {"train": torch.zeros(2), "eval": torch.zeros(2)}  # (sum over tokens, tokens)
+        self._capture_wanted = False  # set per step: record the student's hidden states during generation
+        self._captured_hidden = None
+        self._phase_stack: list[list] = []  # [phase, start, time in nested phases] (process CPU seconds)
+        self._phase_totals: dict[str, float] = defaultdict(float)
+        self._timed_steps = 0
         if reward_fn is None and args.reward_beta and args.reward_beta > 0 and args.reward_function:
             from ..reward import get_reward_fn
 
@@ -273,15 +287,154 @@ class OPDTrainer(DistillationTrainer):
             return batch
         accumulation = self.args.gradient_accumulation_steps
         if self._step % accumulation == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
-            rewards = self._rollout_metrics(generation_batch, batch)
-            if self.reward_fn is not None and self.args.reward_beta and self.args.reward_beta > 0:
-                batch["sample_weights"] = self._reward_weights(generation_batch, batch, rewards)
-            batch = shuffle_sequence_dict(split_pixel_values_by_grid(batch))
-            micro_batches = [unsplit_pixel_values_by_grid(b) for b in split_tensor_dict(batch, accumulation)]
-            self._select_tokens(micro_batches)
+            self._timed_steps += 1
+            with self._phase("other"):
+                self._capture_wanted = self._wants_generation_capture()
+                with self._phase("generation"):
+                    try:
+                        batch = self._generate_and_score_completions(generation_batch)
+                    finally:
+                        self._capture_wanted = False
+                captured, self._captured_hidden = self._captured_hidden, None
+                if captured is not None and captured.shape[0] == batch["completion_ids"].shape[0]:
+                    # (a generation split over several generate calls would record only the last: not used then)
+                    batch["student_hidden"] = _fit_columns(captured, batch["completion_ids"].shape[1])
+                rewards = self._rollout_metrics(generation_batch, batch)
+                if self.reward_fn is not None and self.args.reward_beta and self.args.reward_beta > 0:
+                    batch["sample_weights"] = self._reward_weights(generation_batch, batch, rewards)
+                batch = shuffle_sequence_dict(split_pixel_values_by_grid(batch))
+                if self._groups_by_length(batch):
+                    batch = _sorted_by_length(batch)
+                micro_batches = [unsplit_pixel_values_by_grid(b) for b in split_tensor_dict(batch, accumulation)]
+                if self.args.padding_free:
+                    micro_batches = [_trimmed(mb) for mb in micro_batches]
+                self._select_tokens(micro_batches)
             self._buffered_inputs = micro_batches
         return self._buffered_inputs[self._step % accumulation]
+
+    # ----- per-phase timing (process CPU seconds, logged as time/<phase> per optimizer step) --------------------
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Time the block as `name`, exclusive of the phases nested in it (they count for themselves)."""
+        self._phase_stack.append([name, time.process_time(), 0.0])
+        try:
+            yield
+        finally:
+            phase, start, nested = self._phase_stack.pop()
+            spent = time.process_time() - start
+            self._phase_totals[phase] += spent - nested
+            if self._phase_stack:
+                self._phase_stack[-1][2] += spent
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # the student's forward + loss + backward; the step's preparation (generation, teacher, statistics) nested
+        # in it through _prepare_inputs is timed as its own phases
+        with self._phase("forward_backward"):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    # ----- generation with the student's hidden states recorded --------------------------------------------------
+    def _wants_generation_capture(self) -> bool:
+        """Record the student's hidden states while it samples, for the statistics of this step (one backbone forward
+        per micro-batch instead of two). Not with vLLM (another engine samples), tools (completions are spliced with
+        tool outputs over several generate calls) or multimodal prompts; those use the separate pass."""
+        args = self.args
+        if args.statistics_source != "generation" or args.use_vllm or self.tools or not self.model.training:
+            return False
+        selector = self.token_selector
+        needs = selector is not None and selector.needs_model_pass
+        return needs or (args.overlap_diagnostics and not getattr(selector, "logs_overlap", False))
+
+    def _capture_module(self):
+        """The module whose output `_get_last_hidden_state` reads: the backbone (`base_model`) of the student."""
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            model = model.base_model.model
+        return model.base_model
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        if not self._capture_wanted or images is not None or multimodal_fields:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        steps: list[torch.Tensor] = []
+
+        def record(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            # one call per sampled token: the prefill (whole prompt) feeds the first token from its last position,
+            # each decoding step (one position) the next one
+            steps.append(hidden[:, -1].detach().clone())
+
+        handle = self._capture_module().register_forward_hook(record)
+        try:
+            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        finally:
+            handle.remove()
+        longest = max((len(c) for c in completion_ids), default=0)
+        if len(steps) != longest or any(h.shape[0] != len(prompt_ids) for h in steps):
+            # not one backbone call per sampled token and rollout (beam search, assisted decoding): separate pass
+            warnings.warn(f"statistics_source=generation: {len(steps)} backbone calls for {longest} sampled tokens "
+                          f"of {len(prompt_ids)} rollouts; this step uses the separate statistics pass.", stacklevel=2)
+            return completion_ids
+        self._captured_hidden = torch.stack(steps, dim=1)  # [B, T, H]: row b, column j -> completion token j
+        return completion_ids
+
+    # ----- padding-free passes --------------------------------------------------------------------------------------
+    def _groups_by_length(self, batch) -> bool:
+        """Sort the step's sequences by length before the micro-batch split, where that leaves the objective as it
+        is: not when the objective or the selection depends on the split (reward_weighting=upstream's
+        per-micro-batch means; a micro_batch-scope selector), nor with multimodal inputs."""
+        if not self.args.padding_free or self.args.gradient_accumulation_steps == 1:
+            return False
+        if self.args.reward_weighting == "upstream" or not set(batch) <= _ROW_KEYS:
+            return False
+        return self.token_selector is None or self.token_selector.scope != "micro_batch"
+
+    def _completion_hidden(self, unwrapped, batch):
+        """Final hidden states [B, C, H] at the positions that predict each completion token. padding_free: all
+        sequences packed into one row with restarting position_ids when the model uses flash attention on CUDA
+        (varlen kernels); else each sequence unpadded when real tokens fill less than `unpadded_fill_threshold` of
+        the rectangle (zeros past a sequence's end, never read); else the (trimmed) rectangle."""
+        input_ids, attention_mask, width = self._model_inputs(batch)
+        if not self.args.padding_free or not set(batch) <= _ROW_KEYS:
+            return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
+        prompt_width = batch["prompt_ids"].shape[1]
+        prompt_lengths = batch["prompt_mask"].sum(1).tolist()
+        lengths = batch["completion_mask"].sum(1).tolist()
+        if min(prompt_lengths) < 1:
+            return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
+        rows = [input_ids[b, prompt_width - p: prompt_width + c] for b, (p, c) in enumerate(zip(prompt_lengths, lengths))]
+        attention = getattr(unwrapped.config, "_attn_implementation", "") or ""
+        if attention.startswith("flash_attention") and input_ids.is_cuda:
+            return self._packed_hidden(unwrapped, rows, prompt_lengths, lengths, width)
+        fill = (sum(prompt_lengths) + sum(lengths)) / max(1, input_ids.numel())
+        # a batched pass over the (trimmed) rectangle: when it is cheaper, and under ZeRO-3/FSDP, where every module
+        # call gathers its sharded weights (one call per sequence would gather them once per sequence)
+        if fill >= self.args.unpadded_fill_threshold or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
+        out = []
+        for row, p, c in zip(rows, prompt_lengths, lengths):
+            if c == 0:
+                out.append(None)
+                continue
+            hidden = self._get_last_hidden_state(unwrapped, row[None], torch.ones_like(row)[None], c)[0]
+            out.append(hidden)
+        template = next(h for h in out if h is not None) if any(h is not None for h in out) else None
+        if template is None:
+            return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
+        return torch.stack([template.new_zeros(width, template.shape[-1]) if h is None else
+                            torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in out])
+
+    def _packed_hidden(self, unwrapped, rows, prompt_lengths, lengths, width):
+        """All sequences in one row, position_ids restarting at each: transformers' flash-attention path runs the
+        varlen kernel (no attention across sequences, no padding)."""
+        model = unwrapped.base_model.model if is_peft_model(unwrapped) else unwrapped
+        ids = torch.cat(rows)[None]
+        positions = torch.cat([torch.arange(r.numel(), device=ids.device) for r in rows])[None]
+        hidden = model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
+        out, start = [], 0
+        for row, p, c in zip(rows, prompt_lengths, lengths):
+            h = hidden[start + p - 1: start + p - 1 + c]
+            out.append(torch.nn.functional.pad(h, (0, 0, 0, width - c)))
+            start += row.numel()
+        return torch.stack(out)
 
     def _rollout_rewards(self, inputs, batch) -> torch.Tensor:
         """reward_fn(completion text, answer) of this process's rollouts."""
@@ -337,9 +490,10 @@ class OPDTrainer(DistillationTrainer):
     @torch.no_grad()
     def _teacher_hidden(self, batch):
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
-                                           unwrapped_teacher, *self._model_inputs(batch))
-        return hidden.clone()  # a view of the whole prompt+completion output: keep only the completion rows
+        with self._phase("teacher"):
+            hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._completion_hidden,
+                                               unwrapped_teacher, batch)
+            return hidden.clone()  # a view of the whole prompt+completion output: keep only the completion rows
 
     def _place_teacher(self, device: torch.device) -> None:
         """Move the teacher's backbone to `device`; its lm_head stays next to the student's for the loss."""
@@ -392,7 +546,8 @@ class OPDTrainer(DistillationTrainer):
         if self.args.teacher_offload or (selector is not None and selector.needs_model_pass):
             self._teacher_phase(micro_batches)
         if selector is not None:
-            keeps, weights = self._run_selector(selector, micro_batches, masks)
+            with self._phase("statistics"):
+                keeps, weights = self._run_selector(selector, micro_batches, masks)
         if self.args.reward_weighting == "upstream":  # per-micro-batch objective, opsd.core.weighting
             factors = upstream_loss_factors(keeps, [mb.get("sample_weights") for mb in micro_batches])
             factors = [f if w is None else f * w for f, w in zip(factors, weights)]
@@ -408,7 +563,19 @@ class OPDTrainer(DistillationTrainer):
         self._metrics["train"]["kept_fraction"].append((kept / valid.clamp_min(1)).item())
         self._metrics["train"]["kept_tokens"].append(kept.item())
         if self.args.overlap_diagnostics and not getattr(selector, "logs_overlap", False):
-            self._log_overlap_diagnostics(micro_batches)
+            with self._phase("statistics"):
+                self._log_overlap_diagnostics(micro_batches)
+        for mb in micro_batches:
+            mb.pop("student_hidden", None)  # recorded during generation; the statistics are done with it
+
+    def _student_statistics_hidden(self, student, mb):
+        """The student's hidden states [B, C, H] for the statistics: recorded during generation when available
+        (statistics_source=generation), else a no-grad forward through the wrapper's forward (so FSDP/ZeRO-3
+        materialize the sharded backbone as in training)."""
+        captured = mb.get("student_hidden")
+        if captured is not None:
+            return captured
+        return self._forward_redirection(self.model_wrapped, student, self._completion_hidden, student, mb)
 
     def _run_selector(self, selector, micro_batches, masks):
         student = self.accelerator.unwrap_model(self.model)
@@ -429,9 +596,7 @@ class OPDTrainer(DistillationTrainer):
                              positions=positions, temperature=self.loss_temperature)
             offset += mask.shape[0]
             if selector.needs_model_pass:
-                # through the wrapper's forward, so FSDP/ZeRO-3 materialize the sharded backbone as in training
-                hidden = self._forward_redirection(self.model_wrapped, student, self._get_last_hidden_state, student,
-                                                   *self._model_inputs(mb))
+                hidden = self._student_statistics_hidden(student, mb)
                 view.student_hidden = hidden.reshape(-1, hidden.shape[-1])[flat].to(s_head.weight.device)
                 view.teacher_hidden = mb["teacher_hidden"].reshape(-1, mb["teacher_hidden"].shape[-1])[flat].to(
                     t_head.weight.device)
@@ -497,8 +662,7 @@ class OPDTrainer(DistillationTrainer):
             return self._compute_loss_with_heads(unwrapped_student, inputs, s_head, t_head)
 
     def _compute_loss_with_heads(self, unwrapped_student, inputs, s_head, t_head):
-        input_ids, attention_mask, logits_to_keep = self._model_inputs(inputs)
-        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
+        hidden = self._completion_hidden(unwrapped_student, inputs)
         factors = inputs["loss_weights"].reshape(-1)
         rows = inputs["loss_keep"].reshape(-1).nonzero(as_tuple=True)[0]  # the decision made in _select_tokens
         teacher_hidden = inputs.get("teacher_hidden")
@@ -549,9 +713,10 @@ class OPDTrainer(DistillationTrainer):
             step = optimizer.step
 
             def guarded_step(*args, **kwargs):
-                if self._skip_this_step():
-                    return None
-                return step(*args, **kwargs)
+                with self._phase("optimizer"):
+                    if self._skip_this_step():
+                        return None
+                    return step(*args, **kwargs)
 
             optimizer.step, optimizer._opsd_guarded = guarded_step, True
         return optimizer
@@ -607,8 +772,7 @@ class OPDTrainer(DistillationTrainer):
                 in_loss = mb["loss_keep"].reshape(-1)[flat]
                 buckets.append(position_buckets(rows, positions)[in_loss])  # thirds of the whole valid response
                 flat = flat[in_loss]
-                hidden = self._forward_redirection(self.model_wrapped, student, self._get_last_hidden_state, student,
-                                                   *self._model_inputs(mb))
+                hidden = self._student_statistics_hidden(student, mb)
                 h_t = mb["teacher_hidden"]
                 stats.append(overlap_from_hidden(hidden.reshape(-1, hidden.shape[-1])[flat].to(s_head.weight.device),
                                                  s_head, h_t.reshape(-1, h_t.shape[-1])[flat].to(t_head.weight.device),
@@ -625,7 +789,63 @@ class OPDTrainer(DistillationTrainer):
         if tokens > 0:
             self._metrics[mode]["entropy"] = [entropy_sum / tokens]
         self._metrics[mode]["peak_memory_gb"].append(peak_memory_gb(self.accelerator.device))
+        if mode == "train" and self._timed_steps:
+            # per optimizer step, averaged over the steps since the last log (process CPU seconds)
+            for name in TIMED_PHASES:
+                self._metrics["train"][f"time/{name}"] = [self._phase_totals.get(name, 0.0) / self._timed_steps]
+            self._phase_totals.clear()
+            self._timed_steps = 0
         super().log(logs, start_time)
+
+
+TIMED_PHASES = ("generation", "teacher", "statistics", "forward_backward", "optimizer")
+# per-row tensors of a step's batch that the padding-free paths know how to reorder and trim; any other key (images,
+# token_type_ids, ...) turns them off for that batch
+_COMPLETION_KEYS = frozenset({"completion_ids", "completion_mask", "tool_mask", "student_hidden", "teacher_hidden",
+                              "loss_keep", "loss_weights"})
+_PROMPT_KEYS = frozenset({"prompt_ids", "prompt_mask"})
+_ROW_KEYS = _COMPLETION_KEYS | _PROMPT_KEYS | {"sample_weights", "num_items_in_batch"}
+
+
+def _fit_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, T, ...] cut or zero-padded to [B, width, ...]."""
+    if tensor.shape[1] >= width:
+        return tensor[:, :width]
+    pad = tensor.new_zeros(tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:])
+    return torch.cat([tensor, pad], dim=1)
+
+
+def _sorted_by_length(batch: dict) -> dict:
+    """The batch's rows sorted by real length (prompt + completion tokens), longest first, so that the micro-batch
+    split groups sequences of similar length (stable: the shuffle before it orders equal lengths)."""
+    lengths = batch["prompt_mask"].sum(1) + batch["completion_mask"].sum(1)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            out[key] = value[order.to(value.device)]
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in order.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
+def _trimmed(batch: dict) -> dict:
+    """A micro-batch cut to its own rectangle: prompt columns no row uses (prompts are left-padded) and completion
+    columns past its longest completion (right-padded) are dropped. Other keys: the batch unchanged."""
+    if not set(batch) <= _ROW_KEYS:
+        return batch
+    used = batch["prompt_mask"].bool().any(0)
+    first = int(used.nonzero()[0]) if used.any() else batch["prompt_mask"].shape[1]
+    filled = batch["completion_mask"].bool().any(0)
+    width = int(filled.nonzero()[-1]) + 1 if filled.any() else 1
+    out = dict(batch)
+    for key in _PROMPT_KEYS:
+        out[key] = batch[key][:, first:]
+    for key in _COMPLETION_KEYS & set(batch):
+        out[key] = batch[key][:, :width]
+    return out
 
 
 def _choose(selector, stats, sequence_ids, positions, generator) -> TokenChoice:
