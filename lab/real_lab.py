@@ -47,7 +47,7 @@ class RealSettings:
     max_new_tokens: int = 32
     seeds: tuple = (0,)
     n_train: int = 256
-    n_eval: int = 64
+    n_eval: int = 48
     n_probe: int = 16
     workers: int = 2
     support_top_k: int = 16
@@ -56,6 +56,7 @@ class RealSettings:
     diagnostic_contexts: int = 48
     diagnostic_steps: int = 10
     diagnostic_lr: float = 5e-5
+    eval_at: tuple = ()  # also evaluate after these steps (a learning curve from one run)
 
 
 PRESETS = {
@@ -92,6 +93,7 @@ def _worker_init():
 def run_opd(config: str, seed: int, student_dir: str, teacher_dir: str, train_file: str, settings: dict,
             eval_rows: list, reference: list, work_dir: str) -> dict:
     """One OPD run through the real trainer, then the held-out measurements of lab.real_task.evaluate_model."""
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from opsd.core.config import OPDConfig
@@ -114,23 +116,36 @@ def run_opd(config: str, seed: int, student_dir: str, teacher_dir: str, train_fi
     )
     selector = make_selector(SelectorConfig(selector=selector_name, ratio=ratio, selector_options=options or None,
                                             support_top_k=s.support_top_k), args)
+    checkpoints, eval_seconds = {}, [0.0]
+
+    class _EvalAt(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in s.eval_at and state.global_step < s.steps:
+                t = time.perf_counter()
+                m = evaluate_model(model, trainer.accelerator.unwrap_model(trainer.teacher_model), tokenizer,
+                                   eval_rows, s.max_new_tokens, reference)
+                checkpoints[state.global_step] = {k: m[k] for k in ("reward", "boxed", "eot", "kl", "teacher_nll")}
+                eval_seconds[0] += time.perf_counter() - t
+
     start = time.perf_counter()
     trainer = OPDTrainer(load_causal_lm(student_dir), teacher_dir, args=args,
                          train_dataset=load_prompt_dataset(train_file), processing_class=tokenizer,
-                         token_selector=selector)
+                         token_selector=selector, callbacks=[_EvalAt()] if s.eval_at else None)
     trainer.remove_callback(PrinterCallback)
     setup = time.perf_counter() - start
     trainer.train()
-    train_seconds = time.perf_counter() - start - setup
+    train_seconds = time.perf_counter() - start - setup - eval_seconds[0]
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
     t = time.perf_counter()
     after = evaluate_model(trainer.model.eval(), teacher, tokenizer, eval_rows, s.max_new_tokens, reference)
+    checkpoints[s.steps] = {k: after[k] for k in ("reward", "boxed", "eot", "kl", "teacher_nll")}
     logs = [h for h in trainer.state.log_history if "loss" in h]
     kept = [h["kept_fraction"] for h in logs if "kept_fraction" in h]
     return {"config": config, "seed": seed, "selector": selector_name, "ratio": ratio, "options": options,
             "after": after, "losses": [h["loss"] for h in logs],
-            "kept_fraction": sum(kept) / len(kept) if kept else 1.0,
-            "setup_seconds": setup, "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t}
+            "kept_fraction": sum(kept) / len(kept) if kept else 1.0, "checkpoints": checkpoints,
+            "setup_seconds": setup, "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds[0] + time.perf_counter() - t}
 
 
 def _run_job(job):
@@ -433,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_eval", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--eval_at", type=int, nargs="+", default=None, help="also evaluate after these steps")
+    p.add_argument("--n_train", type=int, default=None)
     p.add_argument("--adapter", default=None, help="teacher adapter name (lab.real_task.ADAPTERS)")
     p.add_argument("--retrain", action="store_true", help="train the teacher adapter again (cached in .cache/real)")
     p.add_argument("--cache_dir", default=None)
@@ -454,7 +471,7 @@ def main(argv=None) -> int:
     if args.adapter is not None and args.adapter not in ADAPTERS:
         print(f"error: --adapter: unknown adapter {args.adapter!r}; known: {list(ADAPTERS)}", file=sys.stderr)
         return 2
-    for flag in ("steps", "workers", "n_eval", "max_new_tokens"):
+    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "n_train"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             print(f"error: --{flag} must be >= 1, got {value}", file=sys.stderr)
@@ -464,7 +481,9 @@ def main(argv=None) -> int:
         return 2
     if args.seeds is not None:
         settings = replace(settings, seeds=tuple(args.seeds))
-    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "learning_rate"):
+    if args.eval_at is not None:
+        settings = replace(settings, eval_at=tuple(args.eval_at))
+    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "learning_rate", "n_train"):
         if getattr(args, flag) is not None:
             settings = replace(settings, **{flag: getattr(args, flag)})
     if "all_tokens" not in configs:
