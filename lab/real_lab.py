@@ -11,7 +11,7 @@ adapter, merged), with reasoning-gym `chain_sum` prompts through the chat templa
    teacher's fixed format for that prompt, `<|im_end|>` included).
 4. Distillation: every configuration x seed trains a fresh student through the real trainer (OPDTrainer +
    TipSelector) in worker processes with one torch thread each, then the same held-out measurements.
-5. Report: <output_dir>/report.md and report.json: before/after per configuration, the paired change of the
+5. Report: <output_dir>/report.md and report.json (default runs/real-<preset>-<time>/): before/after per configuration, the paired change of the
    held-out reward against the student before OPD and against all-token OPD (bootstrap 95% over seeds x prompts).
 `--full` runs the lab's rule set with more seeds and steps, and the fixed-context diagnostic (lab.diagnose) on the
 real pair: does teachability predict the same-context KL reduction better than raw KL?
@@ -49,7 +49,7 @@ class RealSettings:
     n_train: int = 256
     n_eval: int = 48
     n_probe: int = 16
-    workers: int = 2
+    workers: int = 3
     support_top_k: int = 16
     bootstrap: int = 2000
     diagnostic: bool = False
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="the lab's rule set, 3 seeds, 40 steps, and the diagnostic")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    p.add_argument("--output_dir", default=None, help="default lab/results/real (or lab/results/real_full)")
+    p.add_argument("--output_dir", default=None, help="default runs/real-<preset>-<time>")
     p.add_argument("--configs", nargs="+", default=None, help=f"configurations, from {list(CONFIGS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
         return 2
     from .real_assets import MissingAsset
 
-    output_dir = args.output_dir or os.path.join("lab", "results", "real_full" if preset == "full" else "real")
+    output_dir = args.output_dir or os.path.join("runs", f"real-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _worker_init()
     try:
         result = run_real_lab(output_dir, settings, configs, args.adapter, args.retrain, args.cache_dir)

@@ -9,7 +9,7 @@
 #   bash run_scripts/demo.sh --real              the real-model lab (lab/real_lab.py): SmolLM2-135M-Instruct as the
 #                                                student, the same model + the shipped SFT adapter as the teacher,
 #                                                reasoning-gym chain_sum; probe, census, all-token OPD, soft_or@0.2,
-#                                                entropy_sample@0.2; writes lab/results/real/report.{md,json}
+#                                                entropy_sample@0.2; writes runs/real-demo-<time>/report.{md,json}
 #                                                (installs the real assets: requirements-real*.txt)
 #   bash run_scripts/demo.sh --real --full       the lab's rule set, 3 seeds, 40 steps, + the fixed-context diagnostic
 #   bash run_scripts/demo.sh --real --retrain    train the teacher's adapter again (cached in .cache/real/adapters)
