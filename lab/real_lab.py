@@ -424,16 +424,17 @@ def format_report(r: dict) -> str:
 
 
 def diagnostic_summary(d: dict) -> list[str]:
-    pred = d.get("predictiveness") or {}
-    lines = []
-    rows = pred.get("scores") if isinstance(pred, dict) else None
-    if isinstance(rows, dict):
-        lines += ["| score | Spearman with gain | Pearson with gain |", "|---|---|---|"]
-        for name, v in rows.items():
-            if isinstance(v, dict):
-                lines.append(f"| {name} | {_f(v.get('spearman'))} | {_f(v.get('pearson'))} |")
-        lines.append("")
-    return lines
+    """The predictiveness rows (Spearman / Pearson of each score with the same-context forward-KL gain under the
+    all-token update) and each selector's kept-token gain, from lab.diagnose's report."""
+    from .diagnose import _fi
+
+    corr = (d.get("predictiveness") or {}).get("correlations", {}).get("gain", {})
+    lines = ["| score | Spearman with gain [95%] | Pearson with gain [95%] |", "|---|---|---|"]
+    lines += [f"| {v.get('label', k)} | {_fi(v['spearman'])} | {_fi(v['pearson'])} |" for k, v in corr.items()]
+    lines += ["", "| selector | budget | kept-token gain [95%] | all-token gain [95%] |", "|---|---|---|---|"]
+    lines += [f"| {r['selector']} | {r['budget']:g} | {_fi(r['kept_gain'])} | {_fi(r['all_gain'])} |"
+              for r in d.get("runs", [])]
+    return lines + [""]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -112,3 +112,14 @@ def test_real_lab_smoke_run_through_the_real_trainer(tmp_path, real_model_dir):
     assert set(result["census"]["all"]) == {"Q1", "Q2", "Q3", "Q4"}
     assert math.isclose(sum(result["census"]["all"].values()), 1.0, abs_tol=1e-9)
     assert result["probe"]["verdict"]["summary"]
+
+
+def test_fixed_context_diagnostic_runs_on_chat_prompts_and_summarizes(tokenizer, tmp_path):
+    student, teacher = _tiny_llama(0), _tiny_llama(1)
+    settings = real_lab.RealSettings(max_new_tokens=4, diagnostic_contexts=4, diagnostic_steps=1)
+    report = real_lab.fixed_context_diagnostic(student, teacher, tokenizer, real_task.task_rows("train", 4), settings,
+                                               str(tmp_path))
+    assert report["bank"]["contexts"] == 4 and (tmp_path / "diagnostic").is_dir()
+    assert {r["selector"] for r in report["runs"]} >= {"random", "divergence_topk", "soft_or", "teachability"}
+    lines = real_lab.diagnostic_summary(report)
+    assert any("teachability" in line.lower() for line in lines) and len(lines) > 6
