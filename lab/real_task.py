@@ -5,11 +5,12 @@ with a LoRA adapter trained once by plain SFT on reasoning-gym `chain_sum` probl
 + and -), answered in one short fixed format that ends in `\\boxed{N}` and `<|im_end|>`: the teacher knows the
 format and the sums, the student shares its base weights and way of writing but knows neither. The adapter ships in
 `lab/pretrained/real-<name>/` (a few MB, float16); `real_pair()` merges it into a full local checkpoint under the
-cache at first use. `python -m lab.real_task --retrain` trains it again (cached under .cache/real/adapters).
+cache at first use. `python -m lab.real_lab --retrain` (or `demo.sh --real --retrain`) trains it again (cached under
+.cache/real/adapters).
 
 Prompts go through the model's chat template (ChatML with its default system prompt); the scorer is the project's
 reward (`opsd.reward.math_reward`, which reads `\\boxed{}`). Training prompts and held-out prompts come from
-different reasoning-gym seeds, and held-out questions that also occur in the training set are dropped.
+different reasoning-gym seeds; held-out questions that occur among the first 4000 training questions are dropped.
 
 Measurements (held-out, greedy unless said): `reward` (math_reward), `boxed` (share with a `\\boxed{}`), `eot`
 (share that ended their turn with `<|im_end|>` within the budget), `kl` (mean per-token reverse KL(student || teacher)
