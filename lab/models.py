@@ -814,17 +814,24 @@ def _prepare_role(cache_dir, cfg: LabConfig, role: str, force: bool, progress: b
         check_calibration(role, metrics, cfg)  # a miss raises: nothing is cached
         with open(os.path.join(work, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
-        try:
-            os.rename(work, final)
-        except OSError:  # another process finished the same model first: keep its copy
-            if not os.path.isfile(metrics_file):
-                raise
-            with open(metrics_file) as f:
-                metrics = json.load(f)
+        metrics = _publish(work, final, metrics_file, metrics)
     finally:
         if os.path.isdir(work):
             shutil.rmtree(work, ignore_errors=True)
     return metrics, False
+
+
+def _publish(work: str, final: str, metrics_file: str, metrics: dict) -> dict:
+    """Rename a finished work directory into place; when another process finished the same one first, keep its copy
+    and return its metrics."""
+    try:
+        os.rename(work, final)
+    except OSError:
+        if not os.path.isfile(metrics_file):
+            raise
+        with open(metrics_file) as f:
+            return json.load(f)
+    return metrics
 
 
 def prepare_lab_models(cache_dir, cfg: LabConfig | str | None = None, force: bool = False, progress: bool = True
@@ -926,13 +933,7 @@ def prepare_lab_models(cache_dir, cfg: LabConfig | str | None = None, force: boo
             json.dump(metrics, f, indent=1)
         if os.path.isdir(final):  # a lab directory without its models (they were removed): replace it
             shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(work, final)
-        except OSError:  # another process finished the same configuration first: keep its copy
-            if not os.path.isfile(metrics_file):
-                raise
-            with open(metrics_file) as f:
-                metrics = json.load(f)
+        metrics = _publish(work, final, metrics_file, metrics)
     finally:
         if os.path.isdir(work):
             shutil.rmtree(work, ignore_errors=True)

@@ -274,3 +274,21 @@ def write_upstream_raw(root: str, n_dapo: int = 20, n_val: int = 3) -> str:
     pd.DataFrame([{"problem": f"{i}+2=", "solution": f"so it is \\boxed{{{i + 2}}}"} for i in range(n_val)]).to_parquet(
         os.path.join(root, "AIME_2024", "aime_2024_problems.parquet"))
     return root
+
+
+class EveryOther:
+    """A minimal selector: keeps even positions, weighted by 1 + position (loss supports and controls run on a
+    selector's kept rows and weights through the trainer's factors)."""
+
+    scope, across_processes, needs_model_pass = "rollout_batch", True, False
+
+    def statistics(self, view):
+        return {}
+
+    def choose(self, stats, sequence_ids, positions, generator):
+        from opsd.core.selection import TokenChoice
+
+        return TokenChoice(positions % 2 == 0, 1.0 + positions.float())
+
+    def record(self, *args):
+        pass

@@ -9,7 +9,7 @@ import torch
 from opsd.core.config import OPDConfig
 from opsd.core.estimators import TOPK_SUPPORTS, support_divergence
 from opsd.core.heads import LMHead
-from support import fixed_batch, full_logits, make_trainer, split, trainer_loss_and_grads
+from support import EveryOther, fixed_batch, full_logits, make_trainer, split, trainer_loss_and_grads
 
 
 def _token_set(zs_row, zt_row, support, k):
@@ -199,29 +199,11 @@ def test_config_validation():
         OPDConfig(output_dir="x", loss_support="union", loss_support_k=0, report_to=[])
 
 
-class _EveryOther:
-    """A minimal selector (keeps even positions, weights them by 1 + position) to show the estimators combine with
-    selection and normalization through the trainer's factors."""
-
-    scope, across_processes, needs_model_pass = "rollout_batch", True, False
-
-    def statistics(self, view):
-        return {}
-
-    def choose(self, stats, sequence_ids, positions, generator):
-        from opsd.core.selection import TokenChoice
-
-        return TokenChoice(positions % 2 == 0, 1.0 + positions.float())
-
-    def record(self, *args):
-        pass
-
-
 @pytest.mark.parametrize("support,normalization,selector", [
     ("student_topk", "kept_tokens", False), ("union", "sequence", True), ("sampled", "all_tokens", True),
     ("intersection", "kept_tokens", True)])
 def test_trainer_matches_reference(pair, tmp_path, support, normalization, selector):
-    trainer = make_trainer(pair, tmp_path, ga=2, selector=_EveryOther() if selector else None,
+    trainer = make_trainer(pair, tmp_path, ga=2, selector=EveryOther() if selector else None,
                            loss_support=support, loss_support_k=5, loss_normalization=normalization,
                            loss_support_control_variate="full" if support == "sampled" else "none")
     batch = fixed_batch()

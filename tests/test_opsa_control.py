@@ -90,27 +90,10 @@ def test_config_accepts_it_with_reverse_kl_only():
                            LMHead(torch.randn(128, 64)), torch.zeros(2, dtype=torch.long), "teacher_free", beta=0.0)
 
 
-class _EveryOther:
-    """Keeps even positions, weighted by 1 + position: the control runs on a selector's kept rows and weights."""
-
-    scope, across_processes, needs_model_pass = "rollout_batch", True, False
-
-    def statistics(self, view):
-        return {}
-
-    def choose(self, stats, sequence_ids, positions, generator):
-        from opsd.core.selection import TokenChoice
-
-        return TokenChoice(positions % 2 == 0, 1.0 + positions.float())
-
-    def record(self, *args):
-        pass
-
-
 def test_trainer_step_matches_the_reference_on_kept_tokens(pair, tmp_path):
-    from support import fixed_batch, full_logits, make_trainer, split, trainer_loss_and_grads
+    from support import EveryOther, fixed_batch, full_logits, make_trainer, split, trainer_loss_and_grads
 
-    trainer = make_trainer(pair, tmp_path, ga=2, selector=_EveryOther(), loss_support="teacher_free")
+    trainer = make_trainer(pair, tmp_path, ga=2, selector=EveryOther(), loss_support="teacher_free")
     batch = fixed_batch()
     got = trainer_loss_and_grads(trainer, split(batch, 2))
     z_s, _ = full_logits(trainer, batch)
