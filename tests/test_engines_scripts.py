@@ -94,7 +94,7 @@ def test_zero3_two_processes_through_train_tip_match_one_process(pair, one_proce
     result = train_tip(pair, prompts, tmp_path / "zero3", NPROC="2",
                        ACCELERATE_CONFIG="run_scripts/accelerate/zero3.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "accelerate.commands.launch --config_file run_scripts/accelerate/zero3.yaml --num_processes 2" in \
+    assert f"accelerate.commands.launch --config_file {ROOT}/run_scripts/accelerate/zero3.yaml --num_processes 2" in \
         result.stdout and "--ddp_backend gloo" in result.stdout
     # DeepSpeed wrote the checkpoint: one ZeRO partition of the model and optimizer states per rank
     ds = tmp_path / "zero3" / f"checkpoint-{STEPS}" / f"global_step{STEPS}"
@@ -113,7 +113,7 @@ def test_fsdp2_two_processes_through_train_tip_match_one_process(pair, one_proce
     result = train_tip(pair, prompts, tmp_path / "fsdp2", NPROC="2", OVERWRITE="1",
                        ACCELERATE_CONFIG="run_scripts/accelerate/fsdp2.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "accelerate.commands.launch --config_file run_scripts/accelerate/fsdp2.yaml --num_processes 2" in \
+    assert f"accelerate.commands.launch --config_file {ROOT}/run_scripts/accelerate/fsdp2.yaml --num_processes 2" in \
         result.stdout
     # accelerate's FSDP checkpoint files (a DDP run writes neither)
     saved = set(os.listdir(tmp_path / "fsdp2" / f"checkpoint-{STEPS}"))
@@ -160,7 +160,9 @@ def test_zero3_check_reads_the_launcher_environment(monkeypatch, tmp_path, setti
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     _check_zero3(args)  # ZeRO-2 keeps whole parameters
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(SystemExit, match=f"error: {message} does not run under DeepSpeed ZeRO-3"):
+    from opsd.preflight import UserError
+
+    with pytest.raises(UserError, match=f"^{message} does not run under DeepSpeed ZeRO-3"):
         _check_zero3(args)
     _check_zero3(OPDConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True))  # the defaults run
 

@@ -289,15 +289,21 @@ class OPDTrainer(DistillationTrainer):
         if self._step % accumulation == 0 or self._buffered_inputs is None:
             self._timed_steps += 1
             with self._phase("other"):
-                self._capture_wanted = self._wants_generation_capture()
+                wanted = self._capture_wanted = self._wants_generation_capture()
                 with self._phase("generation"):
                     try:
                         batch = self._generate_and_score_completions(generation_batch)
                     finally:
                         self._capture_wanted = False
                 captured, self._captured_hidden = self._captured_hidden, None
-                if captured is not None and captured.shape[0] == batch["completion_ids"].shape[0]:
-                    # (a generation split over several generate calls would record only the last: not used then)
+                # (a generation split over several generate calls would record only the last: not used then)
+                usable = captured is not None and captured.shape[0] == batch["completion_ids"].shape[0]
+                if wanted and self.accelerator.num_processes > 1:
+                    # every process must take the same path: the separate pass runs the wrapped forward, which
+                    # under ZeRO-3/FSDP gathers weights collectively (one process alone there would hang the rest)
+                    flag = torch.tensor([1.0 if usable else 0.0], device=self.accelerator.device)
+                    usable = bool(self.accelerator.gather(flag).min().item() > 0)
+                if usable:
                     batch["student_hidden"] = _fit_columns(captured, batch["completion_ids"].shape[1])
                 rewards = self._rollout_metrics(generation_batch, batch)
                 if self.reward_fn is not None and self.args.reward_beta and self.args.reward_beta > 0:
@@ -368,6 +374,10 @@ class OPDTrainer(DistillationTrainer):
         finally:
             handle.remove()
         longest = max((len(c) for c in completion_ids), default=0)
+        if len(steps) > longest and self.accelerator.num_processes > 1:
+            # synced generation (ZeRO-3/FSDP: synced_gpus): a process whose rollouts have all ended keeps calling the
+            # backbone until every process is done; its first `longest` calls are the ones that sampled its tokens
+            steps = steps[:longest]
         if len(steps) != longest or any(h.shape[0] != len(prompt_ids) for h in steps):
             # not one backbone call per sampled token and rollout (beam search, assisted decoding): separate pass
             warnings.warn(f"statistics_source=generation: {len(steps)} backbone calls for {longest} sampled tokens "
