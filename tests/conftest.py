@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
 import torch
 
 from support import save_pair
+
+
+# run_scripts/lib.sh exports the directory a script was started from (OPSD_CALLER_DIR), so that nested scripts resolve
+# the user's relative paths against it; the suite starts scripts from directories of its own, and must not inherit
+# the one run_scripts/test.sh was started from.
+os.environ.pop("OPSD_CALLER_DIR", None)
 
 
 def _cpu_model() -> str:
