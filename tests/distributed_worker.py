@@ -105,3 +105,9 @@ def main(mode, out, student_dir, teacher_dir):
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    if torch.distributed.is_initialized():
+        # an orderly teardown: a rank that exits while gloo still talks to another can abort there ("terminate called
+        # without an active exception", seen once in a fresh-clone run); not in a `finally`, where a failed rank would
+        # leave the other waiting in the barrier
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
