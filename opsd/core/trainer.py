@@ -426,7 +426,7 @@ class OPDTrainer(DistillationTrainer):
                 continue
             hidden = self._get_last_hidden_state(unwrapped, row[None], torch.ones_like(row)[None], c)[0]
             out.append(hidden)
-        template = next(h for h in out if h is not None) if any(h is not None for h in out) else None
+        template = next((h for h in out if h is not None), None)
         if template is None:
             return self._get_last_hidden_state(unwrapped, input_ids, attention_mask, width)
         return torch.stack([template.new_zeros(width, template.shape[-1]) if h is None else
