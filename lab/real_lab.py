@@ -25,23 +25,23 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
-#: name -> (tip_ext rule or None for all tokens, ratio, rule options)
-CONFIGS = {
-    "all_tokens": (None, 1.0, {}),
-    "soft_or@0.2": ("soft_or", 0.2, {}),
-    "entropy_sample@0.2": ("entropy_sample", 0.2, {}),
-    "teachability_minmax@0.1": ("teachability", 0.1, {"normalization": "minmax"}),
-    "random@0.2": ("random", 0.2, {}),
-}
+from .study import CONFIGS as STUDY_CONFIGS
+from .study import CONTROL_CONFIG_NAMES
+
+#: configurations: lab.study's (rule, ratio, options, weighting, loss support), with TA-OPD's K of the settings
+CONFIGS = STUDY_CONFIGS
+TASK_NAME = "real_chain_sum"  # the task's column in lab.study's claim table and moonshot verdict
 DEMO_CONFIGS = ("all_tokens", "soft_or@0.2", "entropy_sample@0.2")
-FULL_CONFIGS = tuple(CONFIGS)
+FULL_CONFIGS = ("all_tokens", "soft_or@0.2", "entropy_sample@0.2", "teachability_minmax@0.1", "random@0.2")
+#: the 2026 controls and the moonshot candidates of lab.study (`--controls`)
+CONTROL_CONFIGS = tuple(dict.fromkeys(CONTROL_CONFIG_NAMES + ("soft_or_mixed@0.2", "entropy_kl_sample_mixed@0.2")))
 
 
 @dataclass
 class RealSettings:
-    steps: int = 20
+    steps: int = 10
     batch_size: int = 8
     learning_rate: float = 5e-5
     max_new_tokens: int = 32
@@ -57,11 +57,13 @@ class RealSettings:
     diagnostic_steps: int = 10
     diagnostic_lr: float = 5e-5
     eval_at: tuple = ()  # also evaluate after these steps (a learning curve from one run)
+    progress: bool = True  # a line per 5 steps of every run
+    equal_time_evals: int = 2  # reward-only evaluations of the all-token run (every steps/(n+1)): equal measured time
 
 
 PRESETS = {
     "demo": RealSettings(),
-    "full": RealSettings(steps=40, seeds=(0, 1, 2), n_eval=100, n_probe=32, diagnostic=True),
+    "full": RealSettings(steps=20, seeds=(0, 1, 2), n_eval=100, n_probe=32, diagnostic=True, equal_time_evals=3),
     "smoke": RealSettings(steps=2, batch_size=2, max_new_tokens=8, n_train=8, n_eval=4, n_probe=2, workers=1,
                           bootstrap=100),
 }
@@ -91,61 +93,68 @@ def _worker_init():
 # ------------------------------------------------------------------------------------------------------------------
 
 def run_opd(config: str, seed: int, student_dir: str, teacher_dir: str, train_file: str, settings: dict,
-            eval_rows: list, reference: list, work_dir: str) -> dict:
-    """One OPD run through the real trainer, then the held-out measurements of lab.real_task.evaluate_model."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-
-    from opsd.core.config import OPDConfig
+            eval_rows: list, reference: list, before_rewards: list, work_dir: str) -> dict:
+    """One OPD run through the real trainer (lab.study's configuration, set-up, clock and log summary), then the
+    held-out measurements of lab.real_task.evaluate_model. The record has lab.study's keys (`correct` = the per-prompt
+    reward, `exact_match` = the reward, `heldout_kl`, `train_cpu_seconds`, `cpu_at_step`, `checkpoints` with "0" =
+    the student before OPD), so lab.study's summary, claims and moonshot verdict read it unchanged."""
     from opsd.core.models import load_causal_lm, load_tokenizer
     from opsd.core.trainer import OPDTrainer
     from opsd.data import load_prompt_dataset
-    from tip_ext.trainer import SelectorConfig, make_selector
 
     from .real_task import evaluate_model
+    from .study import log_summary, opd_setup, train_timed
 
     s = RealSettings(**settings)
-    selector_name, ratio, options = CONFIGS[config]
+    spec = CONFIGS[config]
     tokenizer = load_tokenizer(student_dir)
-    args = OPDConfig(
-        output_dir=os.path.join(work_dir, f"{config}-seed{seed}"), per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=1, max_steps=s.steps, learning_rate=s.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, max_completion_length=s.max_new_tokens, temperature=1.0,
-        bf16=False, gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to=[],
-        logging_steps=1, seed=seed, disable_tqdm=True, chunk_size=512,
-    )
-    selector = make_selector(SelectorConfig(selector=selector_name, ratio=ratio, selector_options=options or None,
-                                            support_top_k=s.support_top_k), args)
-    checkpoints, eval_seconds = {}, [0.0]
+    args, selector = opd_setup(spec, seed, os.path.join(work_dir, f"{config}-seed{seed}"), s.steps, s.batch_size,
+                               s.learning_rate, s.max_new_tokens, support_top_k=s.support_top_k)
+    teacher_ref = [None]
 
-    class _EvalAt(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step in s.eval_at and state.global_step < s.steps:
-                t = time.perf_counter()
-                m = evaluate_model(model, trainer.accelerator.unwrap_model(trainer.teacher_model), tokenizer,
-                                   eval_rows, s.max_new_tokens, reference)
-                checkpoints[state.global_step] = {k: m[k] for k in ("reward", "boxed", "eot", "kl", "teacher_nll")}
-                eval_seconds[0] += time.perf_counter() - t
+    def make_trainer(callback):
+        trainer = OPDTrainer(load_causal_lm(student_dir), teacher_dir, args=args,
+                             train_dataset=load_prompt_dataset(train_file), processing_class=tokenizer,
+                             token_selector=selector, callbacks=[callback])
+        teacher_ref[0] = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        return trainer
+
+    time_grid = set(time_grid_steps(s)) if spec.selector is None else set()
+
+    def evaluate(model, step):
+        if step in s.eval_at:  # a learning-curve point: everything
+            return evaluate_model(model, teacher_ref[0], tokenizer, eval_rows, s.max_new_tokens, reference)
+        return evaluate_model(model, None, tokenizer, eval_rows, s.max_new_tokens)  # equal-time point: reward only
 
     start = time.perf_counter()
-    trainer = OPDTrainer(load_causal_lm(student_dir), teacher_dir, args=args,
-                         train_dataset=load_prompt_dataset(train_file), processing_class=tokenizer,
-                         token_selector=selector, callbacks=[_EvalAt()] if s.eval_at else None)
-    trainer.remove_callback(PrinterCallback)
-    setup = time.perf_counter() - start
-    trainer.train()
-    train_seconds = time.perf_counter() - start - setup - eval_seconds[0]
-    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+
+    def progress(step, cpu):
+        if step % 5 == 0 and step < s.steps:
+            print(f"[real_lab] {config} seed {seed}: step {step}/{s.steps} ({time.perf_counter() - start:.0f} s wall, "
+                  f"{cpu:.0f} CPU-s)", file=sys.stderr, flush=True)
+
+    timed = train_timed(make_trainer, s.steps, set(s.eval_at) | time_grid, evaluate,
+                        progress=progress if s.progress else None)
+    trainer, checkpoints = timed["trainer"], timed["checkpoints"]
     t = time.perf_counter()
-    after = evaluate_model(trainer.model.eval(), teacher, tokenizer, eval_rows, s.max_new_tokens, reference)
-    checkpoints[s.steps] = {k: after[k] for k in ("reward", "boxed", "eot", "kl", "teacher_nll")}
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    kept = [h["kept_fraction"] for h in logs if "kept_fraction" in h]
-    return {"config": config, "seed": seed, "selector": selector_name, "ratio": ratio, "options": options,
-            "after": after, "losses": [h["loss"] for h in logs],
-            "kept_fraction": sum(kept) / len(kept) if kept else 1.0, "checkpoints": checkpoints,
-            "setup_seconds": setup, "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds[0] + time.perf_counter() - t}
+    after = evaluate_model(trainer.model.eval(), teacher_ref[0], tokenizer, eval_rows, s.max_new_tokens, reference)
+    timed["eval_seconds"] += time.perf_counter() - t
+    checkpoints[s.steps] = after
+    return {"config": config, "seed": seed, "selector": spec.selector, "ratio": spec.ratio, "options": spec.options,
+            "weighting": spec.weighting, "loss_support": spec.loss_support,
+            "after": after, "exact_match": after["reward"], "heldout_kl": after["kl"],
+            "correct": after["per_prompt"]["reward"], **log_summary(trainer, spec),
+            "checkpoints": {"0": {"correct": before_rewards},
+                            **{str(k): {**{m: c[m] for m in ("reward", "boxed", "eot", "kl", "teacher_nll") if m in c},
+                                        "correct": c["per_prompt"]["reward"]} for k, c in sorted(checkpoints.items())}},
+            **{k: timed[k] for k in ("setup_seconds", "train_seconds", "eval_seconds", "train_cpu_seconds",
+                                     "cpu_at_step", "peak_extra_gb")}}
+
+
+def time_grid_steps(s: "RealSettings") -> list[int]:
+    """Steps at which the all-token run is evaluated (reward only) for the equal-measured-time comparison."""
+    n = max(0, s.equal_time_evals)
+    return sorted({round(s.steps * (i + 1) / (n + 1)) for i in range(n)} - {0, s.steps})
 
 
 def _run_job(job):
@@ -182,8 +191,9 @@ def first_departures(tokenizer, rows, completions) -> list[int | None]:
     return out
 
 
-def census(student, teacher, tokenizer, rows, max_new_tokens: int, seed: int = 0) -> dict:
-    """Quadrant census of the student's sampled tokens and the quadrants of its first departures."""
+def census(student, teacher, tokenizer, rows, max_new_tokens: int, seed: int = 0, support_top_k: int = 16) -> dict:
+    """Quadrant census of the student's sampled tokens and the quadrants of its first departures; `regime` and
+    `recommendation`: lab.recommend's reading of the same tokens (the rule it advises for this pair)."""
     import torch
 
     from opsd.core.heads import head_of
@@ -193,12 +203,13 @@ def census(student, teacher, tokenizer, rows, max_new_tokens: int, seed: int = 0
     from tip_ext.stats import token_stats_from_hidden
 
     from .real_task import generate, prompt_ids
+    from .recommend import recommend, regime_from_stats
 
     gens = generate(student, tokenizer, rows, max_new_tokens, temperature=1.0, seed=seed)
     prompts = prompt_ids(tokenizer, rows)
     vocab = resolve_distill_vocab(student, teacher, tokenizer)
     s_head, t_head = head_of(student, vocab), head_of(teacher, vocab)
-    ent, kl, marks = [], [], []
+    pooled, marks = {}, []
     departures = first_departures(tokenizer, rows, [ids for ids, _ in gens])
     with torch.no_grad():
         for p, (ids, _), d in zip(prompts, gens, departures):
@@ -207,14 +218,17 @@ def census(student, teacher, tokenizer, rows, max_new_tokens: int, seed: int = 0
             full = torch.tensor(p + ids, dtype=torch.long)
             span = slice(len(p) - 1, len(full) - 1)
             stats = token_stats_from_hidden(_final_hidden(student, full)[span], s_head, _final_hidden(teacher, full)[span],
-                                            t_head, names=("entropy_norm", "reverse_kl"))
-            ent.append(stats["entropy_norm"])
-            kl.append(stats["reverse_kl"])
+                                            t_head, top_k=support_top_k,
+                                            names=("entropy_norm", "reverse_kl", "support_mass", "local_forward_kl"))
+            for name, value in stats.items():
+                pooled.setdefault(name, []).append(value)
             m = torch.zeros(len(ids), dtype=torch.bool)
             if d is not None:
                 m[d] = True
             marks.append(m)
-    h, d, m = torch.cat(ent), torch.cat(kl), torch.cat(marks)
+    stats = {name: torch.cat(v) for name, v in pooled.items()}
+    h, d, m = stats["entropy_norm"], stats["reverse_kl"], torch.cat(marks)
+    regime = regime_from_stats(stats)
     shares = quadrant_census(h, d)
     th, td = shares["threshold/entropy"], shares["threshold/divergence"]
     quad = {"Q1": (h > th) & (d > td), "Q2": (h > th) & (d <= td), "Q3": (h <= th) & (d > td),
@@ -225,36 +239,38 @@ def census(student, teacher, tokenizer, rows, max_new_tokens: int, seed: int = 0
             "departure_shares": {q: (int((quad[q] & m).sum()) / n_m if n_m else float("nan")) for q in QUADRANTS},
             "threshold_entropy": th, "threshold_kl": td,
             "mean_kl_departures": float(d[m].double().mean()) if n_m else float("nan"),
-            "mean_kl_other": float(d[~m].double().mean()) if (~m).any() else float("nan")}
+            "mean_kl_other": float(d[~m].double().mean()) if (~m).any() else float("nan"),
+            "regime": {k: v for k, v in regime.items() if k != "spread"}, "recommendation": recommend(regime)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # the study
 # ------------------------------------------------------------------------------------------------------------------
 
-def summarize(runs: list[dict], before: dict, settings: RealSettings, configs) -> list[dict]:
-    from .real_task import paired_interval
+def study_settings(settings: RealSettings) -> dict:
+    """The lab.study settings its summary and claim table read (steps for equal compute, the bootstrap size)."""
+    return {"seeds": list(settings.seeds), "steps": settings.steps, "bootstrap": settings.bootstrap}
 
-    table = []
-    base = {r["seed"]: r for r in runs if r["config"] == "all_tokens"}
-    for name in configs:
-        rs = sorted((r for r in runs if r["config"] == name), key=lambda r: r["seed"])
-        if not rs:
-            continue
-        row = {"config": name, "seeds": [r["seed"] for r in rs], "kept_fraction": _avg(r["kept_fraction"] for r in rs),
-               "train_seconds": _avg(r["train_seconds"] for r in rs)}
+
+def summarize(runs: list[dict], before: dict, settings: RealSettings, configs) -> list[dict]:
+    """lab.study's summary rows (the reward as `exact_match`; `vs_start` = against the student before OPD;
+    `vs_all_equal_steps`, `vs_all_equal_time`, `vs_all_equal_compute`: against all tokens, paired over seeds and
+    prompts) plus the real measurements' means and the paired change of the teacher-text NLL."""
+    import numpy as np
+
+    from .study import StudySettings, paired_interval
+    from .study import summarize as study_summarize
+
+    s = StudySettings(**{**study_settings(settings), "seeds": tuple(settings.seeds)})
+    rows = study_summarize(runs, [CONFIGS[c] for c in configs], s, {"correct": before["per_prompt"]["reward"]})
+    for row in rows:
+        mine = sorted((r for r in runs if r["config"] == row["config"]), key=lambda r: r["seed"])
         for key in ("reward", "boxed", "eot", "kl", "teacher_nll", "mean_length"):
-            row[key] = _avg(r["after"][key] for r in rs)
-        after = [x for r in rs for x in r["after"]["per_prompt"]["reward"]]
-        row["reward_vs_before"] = paired_interval(after, before["per_prompt"]["reward"] * len(rs), settings.bootstrap)
-        nll = [x for r in rs for x in r["after"]["per_prompt"]["teacher_nll"]]
-        row["teacher_nll_vs_before"] = paired_interval(nll, before["per_prompt"]["teacher_nll"] * len(rs),
-                                                       settings.bootstrap)
-        if name != "all_tokens" and all(r["seed"] in base for r in rs):
-            ref = [x for r in rs for x in base[r["seed"]]["after"]["per_prompt"]["reward"]]
-            row["reward_vs_all"] = paired_interval(after, ref, settings.bootstrap)
-        table.append(row)
-    return table
+            row[key] = _avg(r["after"][key] for r in mine)
+        nll = np.stack([r["after"]["per_prompt"]["teacher_nll"] for r in mine])
+        row["teacher_nll_vs_start"] = paired_interval(
+            nll, np.tile(before["per_prompt"]["teacher_nll"], (len(mine), 1)), settings.bootstrap)
+    return rows
 
 
 def _avg(values) -> float:
@@ -270,6 +286,8 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
 
     from .real_assets import write_jsonl
     from .real_task import DEFAULT_ADAPTER, evaluate_model, real_pair, task_rows
+    from .recommend import check_recommendation
+    from .study import claim_table, moonshot_verdict
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -292,7 +310,7 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
         f"KL {before['kl']:.3f}, teacher-text NLL {before['teacher_nll']:.3f} ({time.perf_counter() - t0:.0f} s)")
 
     jobs = [(c, seed, str(student_dir), str(teacher_dir), str(train_file), asdict(settings), eval_rows, reference,
-             os.path.join(output_dir, "runs")) for seed in settings.seeds for c in configs]
+             before["per_prompt"]["reward"], os.path.join(output_dir, "runs")) for seed in settings.seeds for c in configs]
     pool = ProcessPoolExecutor(max_workers=max(1, settings.workers), initializer=_worker_init)
     t = time.perf_counter()
     futures = [pool.submit(_run_job, job) for job in jobs]
@@ -303,7 +321,8 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
     tp = time.perf_counter()
     probe_result = probe(student, teacher, tokenizer, probe_rows, settings.max_new_tokens, teacher_eval["reward"],
                          before["reward"])
-    census_result = census(student, teacher, tokenizer, probe_rows, settings.max_new_tokens)
+    census_result = census(student, teacher, tokenizer, probe_rows, settings.max_new_tokens,
+                           support_top_k=settings.support_top_k)
     timing["probe_census_seconds"] = time.perf_counter() - tp
     log(f"[real_lab] probe: {probe_result['verdict']['summary']}")
     diagnostic = None
@@ -323,11 +342,16 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
     pool.shutdown()
     timing["runs_seconds"] = time.perf_counter() - t
     timing["total_seconds"] = time.perf_counter() - t0
+    table = summarize(runs, before, settings, configs)
+    task_result = {"summary": table, "runs": runs, "settings": study_settings(settings)}
+    recommendation = census_result["recommendation"]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": asdict(settings),
         "configs": list(configs), "adapter": adapter, "student": str(student_dir), "teacher": str(teacher_dir),
         "teacher_eval": teacher_eval, "before": before, "probe": probe_result, "census": census_result,
-        "runs": runs, "table": summarize(runs, before, settings, configs), "diagnostic": diagnostic,
+        "runs": runs, "table": table, "diagnostic": diagnostic,
+        "claims": claim_table({TASK_NAME: task_result}), "moonshot": moonshot_verdict({TASK_NAME: task_result}),
+        "recommendation_check": check_recommendation(table, runs, recommendation["config"], settings.bootstrap),
         "timing": timing, "load_average": os.getloadavg(), "machine": machine(),
     }
     with open(os.path.join(output_dir, "report.json"), "w") as f:
@@ -376,7 +400,7 @@ def _f(x, spec=".3f") -> str:
 def _iv(iv) -> str:
     if not iv:
         return ""
-    return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
+    return f"{iv['mean']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]"
 
 
 def format_report(r: dict) -> str:
@@ -403,17 +427,48 @@ def format_report(r: dict) -> str:
         "| all tokens | " + " | ".join(_f(c["all"][q], ".2f") for q in ("Q1", "Q2", "Q3", "Q4")) + " |",
         "| first departures | " + " | ".join(_f(c["departure_shares"][q], ".2f") for q in ("Q1", "Q2", "Q3", "Q4")) + " |",
         "", f"Mean reverse KL at first departures {_f(c['mean_kl_departures'])} vs {_f(c['mean_kl_other'])} elsewhere.",
+        "", f"Recommendation (lab.recommend on these tokens): **{c['recommendation']['config']}** "
+        f"({c['recommendation']['flags']}); normalization {c['recommendation']['normalization']}; top-10% reverse-KL "
+        "tokens " + ", ".join(f"{q} {v:.2f}" for q, v in c["regime"]["census_top_kl"].items())
+        + "; degenerate TA-OPD axes: " + (", ".join(c["regime"]["degenerate_axes"]) or "none") + ".",
         "", "## After distillation (held-out)", "",
-        "| config | kept | reward | Δ reward vs before [95%] | Δ reward vs all tokens [95%] | teacher-text NLL | "
-        "end-of-turn | boxed | KL(student‖teacher) | train s |", "|---|---|---|---|---|---|---|---|---|---|",
-        f"| (before) | | {_f(b['reward'])} | | | {_f(b['teacher_nll'])} | {_f(b['eot'])} | {_f(b['boxed'])} | "
+        "| config | kept | time | reward | Δ vs before [95%] | vs all, equal steps [95%] | vs all, equal measured time "
+        "[95%] | vs all, equal lm_head [95%] | teacher-text NLL | end-of-turn | boxed | KL(student‖teacher) | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| (before) | | | {_f(b['reward'])} | | | | | {_f(b['teacher_nll'])} | {_f(b['eot'])} | {_f(b['boxed'])} | "
         f"{_f(b['kl'])} | |",
     ]
     for row in r["table"]:
-        lines.append(f"| {row['config']} | {_f(row['kept_fraction'], '.2f')} | {_f(row['reward'])} | "
-                     f"{_iv(row['reward_vs_before'])} | {_iv(row.get('reward_vs_all'))} | {_f(row['teacher_nll'])} | "
-                     f"{_f(row['eot'])} | {_f(row['boxed'])} | {_f(row['kl'])} | {_f(row['train_seconds'], '.0f')} |")
-    lines += ["", "Intervals: paired bootstrap over seeds x held-out prompts (percentile, 95%).", ""]
+        capped = "*" if row.get("equal_time_capped") else ""
+        lines.append(f"| {row['config']} | {_f(row['kept_fraction'], '.2f')} | {_f(row.get('time_ratio'), '.2f')}{capped} | "
+                     f"{_f(row['reward'])} | {_iv(row['vs_start'])} | {_iv(row.get('vs_all_equal_steps'))} | "
+                     f"{_iv(row.get('vs_all_equal_time'))} | {_iv(row.get('vs_all_equal_compute'))} | "
+                     f"{_f(row['teacher_nll'])} | {_f(row['eot'])} | {_f(row['boxed'])} | {_f(row['kl'])} | "
+                     f"{_f(row['train_cpu_seconds'], '.0f')} |")
+    lines += ["", f"{len(r['settings']['seeds'])} seed(s) x {s['n_eval']} held-out prompts. Intervals: lab.study's "
+              "paired bootstrap (seeds and prompts resampled; percentile 95%). time: the run's process CPU seconds of "
+              "training over the same seed's all-token run (one torch thread per run; evaluations excluded); `*`: "
+              "slower than all tokens on some seed, then compared with the all-token run at its end (equal steps). "
+              "Equal measured time: the all-token run evaluated (reward only) after "
+              f"{time_grid_steps(RealSettings(**s)) or 'no'} steps, interpolated. Equal lm_head: lab.study's "
+              "projection count (a paper measure, not time).", ""]
+    check = r.get("recommendation_check") or {}
+    if check.get("best"):
+        iv = check.get("interval")
+        lines += [f"Recommendation check: advised {r['census']['recommendation']['config']}, best selective "
+                  f"configuration {check['best']}: **{check['verdict']}**" + (f" ({_iv(iv)})" if iv else "") + ".", ""]
+    if r.get("claims"):
+        lines += ["## Claims on this task (lab.study's claim table)", "", "| claim | verdict |", "|---|---|"]
+        lines += [f"| {row['claim']} | {row[TASK_NAME]} |" for row in r["claims"] if row[TASK_NAME] != "not run"]
+        lines += [""]
+    if r.get("moonshot"):
+        lines += ["## Moonshot (beats all tokens at equal steps, 95% interval above 0, no slower, >= 5 seeds)", "",
+                  "| config | vs all, equal steps | time | seeds | met |", "|---|---|---|---|---|"]
+        for m in r["moonshot"]:
+            v = m["tasks"][TASK_NAME]
+            lines.append(f"| {m['config']} | {v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] | "
+                         f"{_f(v['time_ratio'], '.2f')} | {v['seeds']} | {'yes' if m['met'] else 'no'} |")
+        lines += [""]
     if r.get("diagnostic"):
         lines += ["## Fixed-context diagnostic (lab.diagnose on the real pair)", "",
                   "See diagnostic/report.md for the whole report.", ""]
@@ -440,6 +495,9 @@ def diagnostic_summary(d: dict) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="the lab's rule set, 3 seeds, 40 steps, and the diagnostic")
+    p.add_argument("--controls", action="store_true",
+                   help="the 2026 controls and moonshot candidates of lab.study (OPSA, first 30%%, soft and mixed "
+                   "weighting) next to all tokens, soft_or@0.2, entropy_sample@0.2, entropy_kl_sample@0.2")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--output_dir", default=None, help="default runs/real-<preset>-<time>")
     p.add_argument("--configs", nargs="+", default=None, help=f"configurations, from {list(CONFIGS)}")
@@ -450,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--eval_at", type=int, nargs="+", default=None, help="also evaluate after these steps")
+    p.add_argument("--equal_time_evals", type=int, default=None,
+                   help="reward-only evaluations of the all-token run for the equal-measured-time comparison (default 3)")
     p.add_argument("--n_train", type=int, default=None)
     p.add_argument("--adapter", default=None, help="teacher adapter name (lab.real_task.ADAPTERS)")
     p.add_argument("--retrain", action="store_true", help="train the teacher adapter again (cached in .cache/real)")
@@ -464,13 +524,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     preset = args.preset or ("full" if args.full else "demo")
     settings = PRESETS[preset]
-    configs = tuple(args.configs) if args.configs else (FULL_CONFIGS if preset == "full" else DEMO_CONFIGS)
+    default = CONTROL_CONFIGS if args.controls else (FULL_CONFIGS if preset == "full" else DEMO_CONFIGS)
+    configs = tuple(args.configs) if args.configs else default
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
         print(f"error: --configs: unknown configuration(s) {bad}; known: {list(CONFIGS)}", file=sys.stderr)
         return 2
     if args.adapter is not None and args.adapter not in ADAPTERS:
         print(f"error: --adapter: unknown adapter {args.adapter!r}; known: {list(ADAPTERS)}", file=sys.stderr)
+        return 2
+    if args.equal_time_evals is not None and args.equal_time_evals < 0:
+        print(f"error: --equal_time_evals must be >= 0, got {args.equal_time_evals}", file=sys.stderr)
         return 2
     for flag in ("steps", "workers", "n_eval", "max_new_tokens", "n_train"):
         value = getattr(args, flag)
@@ -484,7 +548,7 @@ def main(argv=None) -> int:
         settings = replace(settings, seeds=tuple(args.seeds))
     if args.eval_at is not None:
         settings = replace(settings, eval_at=tuple(args.eval_at))
-    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "learning_rate", "n_train"):
+    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "learning_rate", "n_train", "equal_time_evals"):
         if getattr(args, flag) is not None:
             settings = replace(settings, **{flag: getattr(args, flag)})
     if "all_tokens" not in configs:

@@ -20,15 +20,12 @@ student of the teacher's greedy completions: how far the student has drifted fro
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -376,16 +373,3 @@ def evaluate_model(model, teacher, tokenizer, rows, max_new_tokens: int, referen
     model.train(was)
     return out
 
-
-def paired_interval(after, before, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of after - before over paired items (prompts; or seeds x prompts flattened) with a percentile
-    bootstrap interval (items resampled with replacement)."""
-    import numpy as np
-
-    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
-    if d.size == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-    lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"mean": float(d.mean()), "low": float(lo), "high": float(hi), "n": int(d.size)}

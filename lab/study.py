@@ -293,34 +293,79 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
     forward/backward and optimizer included; model loading and every evaluation excluded), ``cpu_at_step`` its
     cumulative value after each step, ``phase_seconds`` the sum of the trainer's per-step ``time/<phase>`` logs
     where the trainer writes them (empty otherwise)."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-
-    from opsd.core.config import OPDConfig
     from opsd.core.models import load_causal_lm, load_tokenizer
     from opsd.core.trainer import OPDTrainer
     from opsd.data import load_prompt_dataset
-    from tip_ext.trainer import SelectorConfig, make_selector
 
     if task is None:
         raise ValueError("run_distillation needs task= (a registered task name or a Task)")
     task = get_task(task)
     tokenizer = load_tokenizer(paths["tokenizer"])
+    args, selector = opd_setup(spec, seed, os.path.join(work_dir, f"{spec.name}-seed{seed}"), settings.steps,
+                               settings.batch_size, settings.learning_rate, max_new_tokens)
+    teacher_ref = [None]
+
+    def make_trainer(callback):
+        trainer = OPDTrainer(load_causal_lm(paths["student"]), paths["teacher"], args=args,
+                             train_dataset=load_prompt_dataset(paths["train_prompts"]), processing_class=tokenizer,
+                             token_selector=selector, callbacks=[callback])
+        teacher_ref[0] = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        return trainer
+
+    timed = train_timed(make_trainer, settings.steps, eval_at_steps,
+                        lambda model, step: evaluate_student(model, teacher_ref[0], tokenizer, eval_prompts,
+                                                             max_new_tokens, task))
+    trainer, checkpoints = timed["trainer"], timed["checkpoints"]
+    t = time.perf_counter()
+    final = evaluate_student(trainer.model.eval(), teacher_ref[0], tokenizer, eval_prompts, max_new_tokens, task)
+    timed["eval_seconds"] += time.perf_counter() - t
+    checkpoints[settings.steps] = final
+    return {
+        "task": task.name, "config": spec.name, "seed": seed, "selector": spec.selector, "ratio": spec.ratio,
+        "weighting": spec.weighting, "loss_support": spec.loss_support,
+        "exact_match": final["exact_match"], "heldout_kl": final["heldout_kl"], "correct": final["correct"],
+        **log_summary(trainer, spec),
+        "checkpoints": {str(s): {"exact_match": c["exact_match"], "heldout_kl": c["heldout_kl"], "correct": c["correct"]}
+                        for s, c in sorted(checkpoints.items())},
+        **{k: timed[k] for k in ("setup_seconds", "train_seconds", "eval_seconds", "train_cpu_seconds", "cpu_at_step",
+                                 "peak_extra_gb")},
+    }
+
+
+def opd_setup(spec: RunSpec, seed: int, output_dir: str, steps: int, batch_size: int, learning_rate: float,
+              max_new_tokens: int, support_top_k: int | None = None):
+    """(OPDConfig, selector) of one study run: constant learning rate, temperature-1 rollouts, CPU, no saving, one
+    log per step; `support_top_k` overrides the configuration's TA-OPD K (the lab's tiny vocabularies use 4)."""
+    from opsd.core.config import OPDConfig
+    from tip_ext.trainer import SelectorConfig, make_selector
+
     args = OPDConfig(
-        output_dir=os.path.join(work_dir, f"{spec.name}-seed{seed}"), per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=1, max_steps=settings.steps, learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, max_completion_length=max_new_tokens, temperature=1.0,
-        bf16=False, gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to=[],
-        logging_steps=1, seed=seed, disable_tqdm=True, chunk_size=512, loss_support=spec.loss_support,
+        output_dir=output_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        max_completion_length=max_new_tokens, temperature=1.0, bf16=False, gradient_checkpointing=False,
+        use_cpu=True, save_strategy="no", report_to=[], logging_steps=1, seed=seed, disable_tqdm=True,
+        chunk_size=512, loss_support=spec.loss_support,
     )
     # census off: its statistics and overlap diagnostics are extra passes no rule needs, and the measured time must be
     # the rule's own cost (the probe reports the census instead)
-    selector = make_selector(SelectorConfig(selector=spec.selector, ratio=spec.ratio, selector_options=spec.options,
-                                            support_top_k=spec.support_top_k, selector_weighting=spec.weighting,
-                                            selector_mix=spec.mix, census=False))
+    selector = make_selector(SelectorConfig(
+        selector=spec.selector, ratio=spec.ratio, selector_options=spec.options or None,
+        support_top_k=support_top_k or spec.support_top_k, selector_weighting=spec.weighting, selector_mix=spec.mix,
+        census=False))
+    return args, selector
+
+
+def train_timed(make_trainer, steps: int, eval_at_steps, evaluate, progress=None) -> dict:
+    """Build a trainer with `make_trainer(callback)` and train it, measuring what the study compares: the process CPU
+    time of the training steps (`train_cpu_seconds`, cumulative per step in `cpu_at_step`; every evaluation
+    excluded), wall seconds of set-up, training and evaluation, and the peak extra resident memory. After each step in
+    `eval_at_steps` (below `steps`) the student is evaluated with `evaluate(model, step)` into `checkpoints[step]`.
+    `progress(step, cpu_seconds)`, when given, is called after every step. Returns those plus the trained `trainer`."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
     checkpoints: dict[int, dict] = {}
-    eval_seconds = [0.0]
-    clock = {"start": None, "eval_cpu": 0.0, "at_step": []}
+    clock = {"start": None, "eval_cpu": 0.0, "eval_wall": 0.0, "at_step": []}
 
     class _ClockAndEval(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -328,31 +373,33 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             clock["at_step"].append(time.process_time() - clock["start"] - clock["eval_cpu"])
-            if state.global_step in eval_at_steps and state.global_step < settings.steps:
+            if progress is not None:
+                progress(state.global_step, clock["at_step"][-1])
+            if state.global_step in eval_at_steps and state.global_step < steps:
                 t, c = time.perf_counter(), time.process_time()
                 was = model.training
                 model.eval()
-                checkpoints[state.global_step] = evaluate_student(model, teacher_ref[0], tokenizer, eval_prompts,
-                                                                  max_new_tokens, task)
+                checkpoints[state.global_step] = evaluate(model, state.global_step)
                 model.train(was)
-                eval_seconds[0] += time.perf_counter() - t
+                clock["eval_wall"] += time.perf_counter() - t
                 clock["eval_cpu"] += time.process_time() - c
 
-    teacher_ref = [None]
     with PeakRSS() as memory:
         start = time.perf_counter()
-        trainer = OPDTrainer(load_causal_lm(paths["student"]), paths["teacher"], args=args,
-                             train_dataset=load_prompt_dataset(paths["train_prompts"]), processing_class=tokenizer,
-                             token_selector=selector, callbacks=[_ClockAndEval()])
-        teacher_ref[0] = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        trainer = make_trainer(_ClockAndEval())
         trainer.remove_callback(PrinterCallback)  # per-step logs stay in the report, not on the terminal
         setup_seconds = time.perf_counter() - start
         trainer.train()
-        train_seconds = time.perf_counter() - start - setup_seconds - eval_seconds[0]
-    student = trainer.model.eval()
-    t = time.perf_counter()
-    final = evaluate_student(student, teacher_ref[0], tokenizer, eval_prompts, max_new_tokens, task)
-    eval_seconds[0] += time.perf_counter() - t
+        train_seconds = time.perf_counter() - start - setup_seconds - clock["eval_wall"]
+    return {"trainer": trainer, "checkpoints": checkpoints, "setup_seconds": setup_seconds,
+            "train_seconds": train_seconds, "eval_seconds": clock["eval_wall"],
+            "train_cpu_seconds": clock["at_step"][-1] if clock["at_step"] else 0.0, "cpu_at_step": clock["at_step"],
+            "peak_extra_gb": memory.extra_gb}
+
+
+def log_summary(trainer, spec: RunSpec) -> dict:
+    """From the trainer's per-step logs: kept and generated tokens, the kept fraction and lm_head compute ratio, the
+    share of steps on which each normalization axis was degenerate, the per-phase seconds, the final loss."""
     logs = [h for h in trainer.state.log_history if "loss" in h]
     kept = sum(h.get("kept_tokens", 0) for h in logs)
     generated = sum(h["kept_tokens"] / h["kept_fraction"] for h in logs if h.get("kept_fraction"))
@@ -360,21 +407,10 @@ def run_distillation(spec: RunSpec, seed: int, paths: dict, settings: StudySetti
                   for k in sorted({k for h in logs for k in h if k.startswith("norm/") and k.endswith("/degenerate")})}
     phases = {p: sum(h[f"time/{p}"] for h in logs if f"time/{p}" in h) for p in PHASES
               if any(f"time/{p}" in h for h in logs)}
-    checkpoints[settings.steps] = final
-    return {
-        "task": task.name, "config": spec.name, "seed": seed, "selector": spec.selector, "ratio": spec.ratio,
-        "weighting": spec.weighting, "loss_support": spec.loss_support,
-        "exact_match": final["exact_match"], "heldout_kl": final["heldout_kl"], "correct": final["correct"],
-        "kept_tokens": kept, "generated_tokens": generated, "kept_fraction": kept / max(generated, 1),
-        "compute_ratio": compute_ratio(spec, kept / max(generated, 1)),
-        "checkpoints": {str(s): {"exact_match": c["exact_match"], "heldout_kl": c["heldout_kl"], "correct": c["correct"]}
-                        for s, c in sorted(checkpoints.items())},
-        "degenerate_steps": degenerate,
-        "setup_seconds": setup_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds[0],
-        "train_cpu_seconds": clock["at_step"][-1] if clock["at_step"] else 0.0, "cpu_at_step": clock["at_step"],
-        "phase_seconds": phases,
-        "peak_extra_gb": memory.extra_gb, "final_loss": logs[-1]["loss"] if logs else None,
-    }
+    kept_fraction = kept / max(generated, 1)
+    return {"kept_tokens": kept, "generated_tokens": generated, "kept_fraction": kept_fraction,
+            "compute_ratio": compute_ratio(spec, kept_fraction), "degenerate_steps": degenerate,
+            "phase_seconds": phases, "final_loss": logs[-1]["loss"] if logs else None, "losses": [h["loss"] for h in logs]}
 
 
 def _run_job(job):

@@ -81,6 +81,9 @@
 #   VAL_MAX_NEW_TOKENS             [MAX_RESPONSE_LENGTH]
 #   VAL_LIMIT                      [unset = all] first N problems of each validation file
 #   VAL_BATCH_SIZE                 [64] sequences per generate call
+#   STOP_ON_COLLAPSE               [0] 1 = stop training when the collapse rule fires at a validation (opsd.collapse:
+#                                  teacher-text NLL up or end-of-turn rate down while the loss falls); 0 = warn only.
+#                                  Thresholds: --collapse_nll_rise / --collapse_eot_drop / ... in EXTRA_ARGS
 # Saving and logging
 #   SAVE_FREQ                      [200, upstream: 20] checkpoint every N steps (SAVE_STEPS is the old name);
 #                                  <= 0: no checkpoints (upstream then saves nothing; here the final model is saved)
@@ -312,6 +315,7 @@ if [ "$THINKING" = true ]; then VAL_TEMPERATURE=${VAL_TEMPERATURE:-0.6}; else VA
 [ "$TEST_FREQ" -ge 0 ] || TEST_FREQ=0  # upstream: any TEST_FREQ <= 0 still validates at the last step
 VAL_AT_END=$(opsd_bool VAL_AT_END "${VAL_AT_END:-1}")
 [ -n "$VAL_FILES" ] || VAL_AT_END=false
+STOP_COLLAPSE=$(opsd_bool STOP_ON_COLLAPSE "${STOP_ON_COLLAPSE:-0}")
 val_args=()
 if [ "$TEST_FREQ" -gt 0 ] || [ "$VAL_BEFORE" = true ] || [ "$VAL_AT_END" = true ]; then
   [ -n "$VAL_FILES" ] || opsd_die "TEST_FREQ=$TEST_FREQ / VAL_BEFORE_TRAIN=${VAL_BEFORE_TRAIN:-False} need validation files: \
@@ -324,12 +328,13 @@ set VAL_FILES, or use upstream's raw DATA_DIR (MATH-500/, AIME_2024/, AIME_2025/
   val_args=(--val_files "${val_list[@]}" --test_freq "$TEST_FREQ" --val_before_train "$VAL_BEFORE"
             --val_n "${VAL_N:-16}" --val_temperature "$VAL_TEMPERATURE" --val_top_p "${VAL_TOP_P:-0.8}"
             --val_top_k "${VAL_TOP_K:-20}" --val_max_new_tokens "${VAL_MAX_NEW_TOKENS:-$MAX_RESPONSE_LENGTH}"
-            --val_batch_size "${VAL_BATCH_SIZE:-64}" --val_seed "${SEED:-42}" --val_at_end "$VAL_AT_END")
+            --val_batch_size "${VAL_BATCH_SIZE:-64}" --val_seed "${SEED:-42}" --val_at_end "$VAL_AT_END"
+            --stop_on_collapse "$STOP_COLLAPSE")
   [ -n "${VAL_LIMIT:-}" ] && val_args+=(--val_limit "$VAL_LIMIT")
 else
   [ -n "$VAL_FILES" ] || opsd_note "no validation files (VAL_FILES, or val_math500/val_aime24/val_aime25 next to \
 the train file): no validation, where upstream validates at the last step"
-  for v in VAL_N VAL_TEMPERATURE_SET VAL_TOP_P VAL_TOP_K VAL_LIMIT VAL_MAX_NEW_TOKENS VAL_BATCH_SIZE; do
+  for v in VAL_N VAL_TEMPERATURE_SET VAL_TOP_P VAL_TOP_K VAL_LIMIT VAL_MAX_NEW_TOKENS VAL_BATCH_SIZE STOP_ON_COLLAPSE; do
     [ -n "${!v:-}" ] && opsd_note "${v%_SET} is set but validation is off (TEST_FREQ=$TEST_FREQ, VAL_BEFORE_TRAIN \
 $VAL_BEFORE, validation at the last step $VAL_AT_END): unused"
   done

@@ -74,20 +74,6 @@ def test_first_departures_find_the_first_token_off_the_teachers_answer(tokenizer
     assert got == [None, 3, None, len(target) - 1, None]
 
 
-def test_paired_interval_is_the_bootstrap_of_the_mean_difference():
-    rng = np.random.default_rng(0)
-    before = rng.integers(0, 2, 80).astype(float)
-    after = np.clip(before + rng.integers(0, 2, 80), 0, 1)
-    iv = real_task.paired_interval(after, before, n_boot=4000, seed=1)
-    d = after - before
-    assert math.isclose(iv["mean"], d.mean(), rel_tol=1e-12) and iv["n"] == 80
-    se = d.std(ddof=1) / math.sqrt(len(d))
-    assert iv["low"] < d.mean() < iv["high"]
-    assert abs((iv["high"] - iv["low"]) - 2 * 1.96 * se) < 0.35 * 2 * 1.96 * se  # a normal interval's width, roughly
-    zero = real_task.paired_interval([1.0] * 5, [1.0] * 5)
-    assert (zero["mean"], zero["low"], zero["high"]) == (0.0, 0.0, 0.0)
-
-
 def test_bad_flags_are_one_line_errors(capsys):
     for argv, flag in ((["--configs", "nope"], "--configs"), (["--steps", "0"], "--steps"),
                        (["--configs", "soft_or@0.2"], "--configs"), (["--adapter", "r99"], "--adapter")):
@@ -112,6 +98,13 @@ def test_real_lab_smoke_run_through_the_real_trainer(tmp_path, real_model_dir):
     assert set(result["census"]["all"]) == {"Q1", "Q2", "Q3", "Q4"}
     assert math.isclose(sum(result["census"]["all"].values()), 1.0, abs_tol=1e-9)
     assert result["probe"]["verdict"]["summary"]
+    # lab.study's summary, claims and recommendation check read the real runs
+    rows = {row["config"]: row for row in result["table"]}
+    assert rows["all_tokens"]["time_ratio"] == 1.0 and rows["soft_or@0.2"]["time_ratio"] > 0
+    assert {"vs_start", "vs_all_equal_steps", "vs_all_equal_time"} <= set(rows["soft_or@0.2"])
+    assert result["census"]["recommendation"]["config"] in real_lab.CONFIGS
+    assert result["recommendation_check"]["verdict"] in ("best", "tied", "worse", "not run")
+    assert any(row[real_lab.TASK_NAME] != "not run" for row in result["claims"])
 
 
 def test_fixed_context_diagnostic_runs_on_chat_prompts_and_summarizes(tokenizer, tmp_path):

@@ -127,11 +127,14 @@ def test_validation_at_the_last_step_when_test_freq_is_0(pair_files, tmp_path):
     f = pair_files
     val = config(run("train_opd.sh", base(f, tmp_path, VAL_FILES=f["data"])))["ValidationArguments"]
     assert val["test_freq"] == 0 and val["val_at_end"] is True and val["val_files"] == [f["data"]]
+    assert val["stop_on_collapse"] is False
+    stop = config(run("train_opd.sh", base(f, tmp_path, VAL_FILES=f["data"], STOP_ON_COLLAPSE="1")))
+    assert stop["ValidationArguments"]["stop_on_collapse"] is True
     off = config(run("train_opd.sh", base(f, tmp_path, VAL_FILES=f["data"], VAL_AT_END="no")))
     assert off["ValidationArguments"]["val_at_end"] is False and off["ValidationArguments"]["val_files"] is None
-    none = run("train_opd.sh", base(f, tmp_path, VAL_TEMPERATURE="0.5", VAL_BATCH_SIZE="8"))
+    none = run("train_opd.sh", base(f, tmp_path, VAL_TEMPERATURE="0.5", VAL_BATCH_SIZE="8", STOP_ON_COLLAPSE="1"))
     assert "no validation files" in none.stderr
-    for name in ("VAL_TEMPERATURE", "VAL_BATCH_SIZE"):
+    for name in ("VAL_TEMPERATURE", "VAL_BATCH_SIZE", "STOP_ON_COLLAPSE"):
         assert f"{name} is set but validation is off" in none.stderr
 
 
