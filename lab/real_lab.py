@@ -9,26 +9,33 @@ adapter, merged), with reasoning-gym `chain_sum` prompts through the chat templa
 3. Census (tip_ext.census): the quadrant shares (entropy x reverse KL, per-batch medians) of the student's sampled
    tokens, and where its mistakes fall: the first token of each sample that leaves the teacher's answer (the
    teacher's fixed format for that prompt, `<|im_end|>` included).
-4. Distillation: every configuration x seed trains a fresh student through the real trainer (OPDTrainer +
-   TipSelector) in worker processes with one torch thread each, then the same held-out measurements.
-5. Report: <output_dir>/report.md and report.json (default runs/real-<preset>-<time>/): before/after per configuration, the paired change of the
-   held-out reward against the student before OPD and against all-token OPD (bootstrap 95% over seeds x prompts).
-`--full` runs the lab's rule set with more seeds and steps, and the fixed-context diagnostic (lab.diagnose) on the
-real pair: does teachability predict the same-context KL reduction better than raw KL?
+4. Distillation: every configuration x seed (lab.study's configurations: rule, ratio, options, weighting, loss
+   support; TA-OPD's K = 16) trains a fresh student through the real trainer (OPDTrainer + TipSelector) in worker
+   processes with one torch thread each, then the same held-out measurements and opsd.collapse's rule (after vs
+   before). Each finished run is appended to <output_dir>/runs.jsonl; `--resume` continues or extends a lab.
+5. Report: <output_dir>/report.md and report.json (default runs/real-<preset>-<time>/): lab.study's summary of the
+   runs (reward as exact match; paired bootstrap over seeds and prompts against the student before OPD and against
+   all tokens at equal steps, at equal measured time and at equal lm_head compute), the probe's verdict checked
+   against the outcome, lab.recommend's advice checked against the best rule, lab.study's claim table and moonshot
+   verdict for this task.
+`--full` runs the lab's rule set with 3 seeds and the fixed-context diagnostic (lab.diagnose) on the real pair: does
+teachability predict the same-context KL reduction better than raw KL? `--controls` runs the 2026 controls and the
+moonshot candidates.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 
 from .study import CONFIGS as STUDY_CONFIGS
-from .study import CONTROL_CONFIG_NAMES
+from .study import CONTROL_CONFIG_NAMES, _quiet
 
 #: configurations: lab.study's (rule, ratio, options, weighting, loss support), with TA-OPD's K of the settings
 CONFIGS = STUDY_CONFIGS
@@ -53,8 +60,8 @@ class RealSettings:
     support_top_k: int = 16
     bootstrap: int = 2000
     diagnostic: bool = False
-    diagnostic_contexts: int = 48
-    diagnostic_steps: int = 10
+    diagnostic_contexts: int = 24
+    diagnostic_steps: int = 4
     diagnostic_lr: float = 5e-5
     eval_at: tuple = ()  # also evaluate after these steps (a learning curve from one run)
     progress: bool = True  # a line per 5 steps of every run
@@ -63,21 +70,10 @@ class RealSettings:
 
 PRESETS = {
     "demo": RealSettings(),
-    "full": RealSettings(steps=20, seeds=(0, 1, 2), n_eval=100, n_probe=32, diagnostic=True, equal_time_evals=3),
+    "full": RealSettings(seeds=(0, 1, 2), diagnostic=True),  # the demo's runs, 3 seeds: comparable, --resume adds
     "smoke": RealSettings(steps=2, batch_size=2, max_new_tokens=8, n_train=8, n_eval=4, n_probe=2, workers=1,
                           bootstrap=100),
 }
-
-
-def _quiet():
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _worker_init():
@@ -173,7 +169,9 @@ def probe(student, teacher, tokenizer, rows, max_new_tokens: int, teacher_reward
     per_prompt = visited_state_diagnostics(student, teacher, tokenizer, [r["prompt"] for r in rows], rollouts=1,
                                            max_new_tokens=max_new_tokens, seed=seed, progress=False)
     diag = aggregate(per_prompt)
-    return {"diagnostics": diag, "verdict": verdict(diag, teacher_reward, student_reward)}
+    mass = inspect.signature(verdict).parameters["compatible_mass"].default  # the probe's own default threshold
+    return {"diagnostics": diag, "verdict": verdict(diag, teacher_reward, student_reward, compatible_mass=mass),
+            "compatible_mass": mass}
 
 
 def first_departures(tokenizer, rows, completions) -> list[int | None]:
@@ -247,6 +245,17 @@ def census(student, teacher, tokenizer, rows, max_new_tokens: int, seed: int = 0
 # the study
 # ------------------------------------------------------------------------------------------------------------------
 
+def collapse_check(before: dict, run: dict) -> dict | None:
+    """opsd.collapse's rule on a run: the held-out teacher-text NLL, end-of-turn rate and distinct-2 after OPD against
+    the student's before it, with the run's training losses (a report when it fires, else None)."""
+    from opsd.collapse import CollapseRule
+
+    def signals(m):
+        return {"teacher_nll": m.get("teacher_nll"), "eot_rate": m.get("eot"), "distinct_2": m.get("distinct_2")}
+
+    return CollapseRule().check(signals(before), signals(run["after"]), run["losses"])
+
+
 def study_settings(settings: RealSettings) -> dict:
     """The lab.study settings its summary and claim table read (steps for equal compute, the bootstrap size)."""
     return {"seeds": list(settings.seeds), "steps": settings.steps, "bootstrap": settings.bootstrap}
@@ -267,6 +276,7 @@ def summarize(runs: list[dict], before: dict, settings: RealSettings, configs) -
         mine = sorted((r for r in runs if r["config"] == row["config"]), key=lambda r: r["seed"])
         for key in ("reward", "boxed", "eot", "kl", "teacher_nll", "mean_length"):
             row[key] = _avg(r["after"][key] for r in mine)
+        row["collapsed_seeds"] = sum(bool(r.get("collapse")) for r in mine)
         nll = np.stack([r["after"]["per_prompt"]["teacher_nll"] for r in mine])
         row["teacher_nll_vs_start"] = paired_interval(
             nll, np.tile(before["per_prompt"]["teacher_nll"], (len(mine), 1)), settings.bootstrap)
@@ -279,9 +289,10 @@ def _avg(values) -> float:
 
 
 def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, adapter: str | None = None,
-                 retrain: bool = False, cache_dir=None, log=None) -> dict:
-    import torch
-
+                 retrain: bool = False, cache_dir=None, log=None, resume: bool = False) -> dict:
+    """The whole lab into `output_dir`. Every finished run is appended to `<output_dir>/runs.jsonl`; `resume` keeps
+    the runs already there (same settings apart from seeds and workers, checked) and runs only the missing
+    configuration x seed pairs: a stopped lab continues, and more seeds or configurations can be added to a study."""
     from opsd.core.models import load_causal_lm, load_tokenizer
 
     from .real_assets import write_jsonl
@@ -293,6 +304,8 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
     t0 = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
     adapter = adapter or DEFAULT_ADAPTER
+    previous = _previous_runs(output_dir, settings, adapter, resume)
+    configs = tuple(dict.fromkeys([*configs, *(r["config"] for r in previous)]))
     student_dir, teacher_dir = real_pair(cache_dir, adapter, retrain, progress=log)
     timing = {"pair_seconds": time.perf_counter() - t0}
     train_rows, eval_rows = task_rows("train", settings.n_train), task_rows("eval", settings.n_eval)
@@ -310,7 +323,8 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
         f"KL {before['kl']:.3f}, teacher-text NLL {before['teacher_nll']:.3f} ({time.perf_counter() - t0:.0f} s)")
 
     jobs = [(c, seed, str(student_dir), str(teacher_dir), str(train_file), asdict(settings), eval_rows, reference,
-             before["per_prompt"]["reward"], os.path.join(output_dir, "runs")) for seed in settings.seeds for c in configs]
+             before["per_prompt"]["reward"], os.path.join(output_dir, "runs")) for seed in settings.seeds for c in configs
+            if (c, seed) not in {(r["config"], r["seed"]) for r in previous}]
     pool = ProcessPoolExecutor(max_workers=max(1, settings.workers), initializer=_worker_init)
     t = time.perf_counter()
     futures = [pool.submit(_run_job, job) for job in jobs]
@@ -332,13 +346,21 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
         timing["diagnostic_seconds"] = time.perf_counter() - td
     del student, teacher
 
-    runs = []
-    for f in futures:
+    runs = list(previous)
+    for f in as_completed(futures):
         r = f.result()
+        r["collapse"] = collapse_check(before, r)
         runs.append(r)
+        with open(os.path.join(output_dir, "runs.jsonl"), "a") as out:
+            out.write(json.dumps(r, default=str) + "\n")
         log(f"[real_lab] {r['config']} seed {r['seed']}: reward {r['after']['reward']:.2f}, KL {r['after']['kl']:.3f}, "
             f"teacher-text NLL {r['after']['teacher_nll']:.3f}, end-of-turn {r['after']['eot']:.2f} "
             f"({r['train_seconds']:.0f} s training)")
+        if r["collapse"]:
+            from opsd.collapse import describe
+
+            log(f"[real_lab] warning: {r['config']} seed {r['seed']}: "
+                + describe("held-out", settings.steps, r["collapse"]))
     pool.shutdown()
     timing["runs_seconds"] = time.perf_counter() - t
     timing["total_seconds"] = time.perf_counter() - t0
@@ -359,6 +381,35 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
     with open(os.path.join(output_dir, "report.md"), "w") as f:
         f.write(format_report(result))
     return result
+
+
+_RESUME_FREE = ("seeds", "workers", "progress", "diagnostic", "diagnostic_contexts", "diagnostic_steps", "eval_at",
+                "n_probe", "bootstrap")
+
+
+def _previous_runs(output_dir: str, settings: RealSettings, adapter: str, resume: bool) -> list[dict]:
+    """The runs of `<output_dir>/runs.jsonl` when resuming (after checking that they were made with the same settings),
+    else none (the file is started afresh)."""
+    from opsd.preflight import UserError
+
+    runs_file, settings_file = os.path.join(output_dir, "runs.jsonl"), os.path.join(output_dir, "settings.json")
+    mine = {k: v for k, v in {**asdict(settings), "adapter": adapter}.items() if k not in _RESUME_FREE}
+    mine = json.loads(json.dumps(mine))  # tuples as lists, as read back
+    previous = []
+    if resume and os.path.exists(runs_file):
+        with open(settings_file) as f:
+            theirs = json.load(f)
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            changes = ", ".join(f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
+            raise UserError(f"--resume: {output_dir} was run with other settings ({changes}); use another --output_dir")
+        with open(runs_file) as f:
+            previous = [json.loads(line) for line in f if line.strip()]
+    elif os.path.exists(runs_file):
+        os.remove(runs_file)
+    with open(settings_file, "w") as f:
+        json.dump(mine, f, indent=1)
+    return previous
 
 
 def machine() -> str:
@@ -433,10 +484,11 @@ def format_report(r: dict) -> str:
         + "; degenerate TA-OPD axes: " + (", ".join(c["regime"]["degenerate_axes"]) or "none") + ".",
         "", "## After distillation (held-out)", "",
         "| config | kept | time | reward | Δ vs before [95%] | vs all, equal steps [95%] | vs all, equal measured time "
-        "[95%] | vs all, equal lm_head [95%] | teacher-text NLL | end-of-turn | boxed | KL(student‖teacher) | train CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "[95%] | vs all, equal lm_head [95%] | teacher-text NLL | end-of-turn | boxed | KL(student‖teacher) | collapse "
+        "flagged | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| (before) | | | {_f(b['reward'])} | | | | | {_f(b['teacher_nll'])} | {_f(b['eot'])} | {_f(b['boxed'])} | "
-        f"{_f(b['kl'])} | |",
+        f"{_f(b['kl'])} | | |",
     ]
     for row in r["table"]:
         capped = "*" if row.get("equal_time_capped") else ""
@@ -444,19 +496,27 @@ def format_report(r: dict) -> str:
                      f"{_f(row['reward'])} | {_iv(row['vs_start'])} | {_iv(row.get('vs_all_equal_steps'))} | "
                      f"{_iv(row.get('vs_all_equal_time'))} | {_iv(row.get('vs_all_equal_compute'))} | "
                      f"{_f(row['teacher_nll'])} | {_f(row['eot'])} | {_f(row['boxed'])} | {_f(row['kl'])} | "
-                     f"{_f(row['train_cpu_seconds'], '.0f')} |")
+                     f"{row.get('collapsed_seeds', 0)}/{row['seeds']} | {_f(row['train_cpu_seconds'], '.0f')} |")
     lines += ["", f"{len(r['settings']['seeds'])} seed(s) x {s['n_eval']} held-out prompts. Intervals: lab.study's "
               "paired bootstrap (seeds and prompts resampled; percentile 95%). time: the run's process CPU seconds of "
               "training over the same seed's all-token run (one torch thread per run; evaluations excluded); `*`: "
               "slower than all tokens on some seed, then compared with the all-token run at its end (equal steps). "
               "Equal measured time: the all-token run evaluated (reward only) after "
               f"{time_grid_steps(RealSettings(**s)) or 'no'} steps, interpolated. Equal lm_head: lab.study's "
-              "projection count (a paper measure, not time).", ""]
+              "projection count (a paper measure, not time). Collapse flagged: seeds on which opsd.collapse's rule "
+              "(teacher-text NLL up or end-of-turn rate down against the student before OPD, while the loss fell) "
+              "fired.", ""]
+    lines += probe_check(r)
     check = r.get("recommendation_check") or {}
     if check.get("best"):
         iv = check.get("interval")
-        lines += [f"Recommendation check: advised {r['census']['recommendation']['config']}, best selective "
-                  f"configuration {check['best']}: **{check['verdict']}**" + (f" ({_iv(iv)})" if iv else "") + ".", ""]
+        advised = r["census"]["recommendation"]["config"]
+        if check["verdict"] == "not run":
+            verdict = f"{advised} was not among this run's configurations (`--configs {advised}` adds it)"
+        else:
+            verdict = f"**{check['verdict']}**" + (f" (advised - best: {_iv(iv)})" if iv else "")
+        lines += [f"Recommendation check: advised {advised}, best selective configuration {check['best']}: "
+                  f"{verdict}.", ""]
     if r.get("claims"):
         lines += ["## Claims on this task (lab.study's claim table)", "", "| claim | verdict |", "|---|---|"]
         lines += [f"| {row['claim']} | {row[TASK_NAME]} |" for row in r["claims"] if row[TASK_NAME] != "not run"]
@@ -478,6 +538,23 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_check(r: dict) -> list[str]:
+    """The probe's prediction against what all-token OPD did on the held-out prompts (the probe's thresholds are the
+    tool's heuristics; this pair measures one of them)."""
+    v = r["probe"]["verdict"]
+    row = next((row for row in r["table"] if row["config"] == "all_tokens"), None)
+    if row is None or not row.get("vs_start"):
+        return []
+    iv = row["vs_start"]
+    works = iv["lo"] > 0
+    predicted = bool(v.get("compatible") and v.get("new_capability"))
+    outcome = "raised" if works else ("lowered" if iv["hi"] < 0 else "did not resolvably change")
+    agree = "agrees with" if predicted == works else "is contradicted by"
+    return [f"Probe check: the probe predicted OPD {'works' if predicted else 'stalls'} (shared-set mass "
+            f"{v.get('shared_mass', float('nan')):.2f}, threshold {r['probe'].get('compatible_mass', 0.9)}); all-token "
+            f"OPD {outcome} the held-out reward ({_iv(iv)}): the verdict {agree} this run.", ""]
+
+
 def diagnostic_summary(d: dict) -> list[str]:
     """The predictiveness rows (Spearman / Pearson of each score with the same-context forward-KL gain under the
     all-token update) and each selector's kept-token gain, from lab.diagnose's report."""
@@ -492,9 +569,49 @@ def diagnostic_summary(d: dict) -> list[str]:
     return lines + [""]
 
 
+def cross_task(study_claims: dict, real: dict) -> dict:
+    """lab.study's cross-task claim table and moonshot verdict with this lab's task added: `study_claims` is a study's
+    `*_claims.json` (its `claims` and `moonshot`), `real` a report.json of this lab. The moonshot verdict is
+    recomputed over every task (a rule must beat all tokens on each, the real task included)."""
+    from .study import moonshot_verdict
+
+    claims = [{**row, TASK_NAME: "not run"} for row in study_claims["claims"]]
+    by_claim = {row["claim"]: row for row in claims}
+    for row in real.get("claims", []):
+        by_claim.setdefault(row["claim"], {"claim": row["claim"]})[TASK_NAME] = row[TASK_NAME]
+        if row["claim"] not in {c["claim"] for c in claims}:
+            claims.append(by_claim[row["claim"]])
+    tasks: dict[str, dict] = {}
+    for entry in study_claims.get("moonshot", []):
+        for task, v in entry["tasks"].items():
+            tasks.setdefault(task, {"summary": []})["summary"].append(
+                {"config": entry["config"], "vs_all_equal_steps": {k: v[k] for k in ("mean", "lo", "hi")},
+                 "time_ratio": v.get("time_ratio"), "seeds": v["seeds"]})
+    tasks[TASK_NAME] = {"summary": [{"config": r["config"], "vs_all_equal_steps": r["vs_all_equal_steps"],
+                                     "time_ratio": r.get("time_ratio"), "seeds": r["seeds"]}
+                                    for r in real["table"] if r.get("vs_all_equal_steps")]}
+    return {"tasks": sorted(tasks), "claims": claims, "moonshot": moonshot_verdict(tasks)}
+
+
+def format_cross_task(x: dict) -> str:
+    tasks = x["tasks"]
+    lines = ["| claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| {row['claim']} | " + " | ".join(row.get(t, "not run") for t in tasks) + " |" for row in x["claims"]]
+    lines += ["", "| config | " + " | ".join(f"{t}: vs all, equal steps (time, seeds)" for t in tasks) + " | met |",
+              "|---|" + "---|" * (len(tasks) + 1)]
+    for m in x["moonshot"]:
+        cells = []
+        for t in tasks:
+            v = m["tasks"].get(t)
+            cells.append(f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] ({_f(v['time_ratio'], '.2f')}, "
+                         f"{v['seeds']})" if v else "not run")
+        lines.append(f"| {m['config']} | " + " | ".join(cells) + f" | {'yes' if m['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", action="store_true", help="the lab's rule set, 3 seeds, 40 steps, and the diagnostic")
+    p.add_argument("--full", action="store_true", help="the lab's rule set, 3 seeds, and the fixed-context diagnostic")
     p.add_argument("--controls", action="store_true",
                    help="the 2026 controls and moonshot candidates of lab.study (OPSA, first 30%%, soft and mixed "
                    "weighting) next to all tokens, soft_or@0.2, entropy_sample@0.2, entropy_kl_sample@0.2")
@@ -514,6 +631,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="teacher adapter name (lab.real_task.ADAPTERS)")
     p.add_argument("--retrain", action="store_true", help="train the teacher adapter again (cached in .cache/real)")
     p.add_argument("--cache_dir", default=None)
+    p.add_argument("--diagnostic", action="store_true", help="also run the fixed-context diagnostic (--full does)")
+    p.add_argument("--diagnostic_contexts", type=int, default=None, help="contexts of the diagnostic's bank")
+    p.add_argument("--diagnostic_steps", type=int, default=None, help="update steps of each diagnostic run")
+    p.add_argument("--cross_task", nargs=2, metavar=("STUDY_CLAIMS", "REAL_REPORT"), default=None,
+                   help="print lab.study's cross-task claim table and moonshot verdict with this lab's task added "
+                   "(a study's *_claims.json and a report.json of this lab; runs nothing)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --output_dir/runs.jsonl and run only the missing ones")
     return p
 
 
@@ -522,9 +647,24 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cross_task:
+        try:
+            with open(args.cross_task[0]) as f:
+                study_claims = json.load(f)
+            with open(args.cross_task[1]) as f:
+                real = json.load(f)
+            x = cross_task(study_claims, real)
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            print(f"error: --cross_task: {e!r} (a lab.study *_claims.json and a lab.real_lab report.json)",
+                  file=sys.stderr)
+            return 2
+        print(format_cross_task(x), end="")
+        return 0
     preset = args.preset or ("full" if args.full else "demo")
     settings = PRESETS[preset]
-    default = CONTROL_CONFIGS if args.controls else (FULL_CONFIGS if preset == "full" else DEMO_CONFIGS)
+    default = FULL_CONFIGS if preset == "full" else DEMO_CONFIGS
+    if args.controls:
+        default = tuple(dict.fromkeys((FULL_CONFIGS if preset == "full" else ()) + CONTROL_CONFIGS))
     configs = tuple(args.configs) if args.configs else default
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
@@ -536,7 +676,7 @@ def main(argv=None) -> int:
     if args.equal_time_evals is not None and args.equal_time_evals < 0:
         print(f"error: --equal_time_evals must be >= 0, got {args.equal_time_evals}", file=sys.stderr)
         return 2
-    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "n_train"):
+    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "n_train", "diagnostic_contexts", "diagnostic_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             print(f"error: --{flag} must be >= 1, got {value}", file=sys.stderr)
@@ -548,19 +688,28 @@ def main(argv=None) -> int:
         settings = replace(settings, seeds=tuple(args.seeds))
     if args.eval_at is not None:
         settings = replace(settings, eval_at=tuple(args.eval_at))
-    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "learning_rate", "n_train", "equal_time_evals"):
+    if args.diagnostic:
+        settings = replace(settings, diagnostic=True)
+    for flag in ("steps", "workers", "n_eval", "max_new_tokens", "learning_rate", "n_train", "equal_time_evals",
+                 "diagnostic_contexts", "diagnostic_steps"):
         if getattr(args, flag) is not None:
             settings = replace(settings, **{flag: getattr(args, flag)})
     if "all_tokens" not in configs:
         print("error: --configs must include all_tokens (the baseline the rules are compared with)", file=sys.stderr)
         return 2
+    from opsd.preflight import UserError
+
     from .real_assets import MissingAsset
 
+    if args.resume and not args.output_dir:
+        print("error: --resume needs --output_dir (the lab to continue)", file=sys.stderr)
+        return 2
     output_dir = args.output_dir or os.path.join("runs", f"real-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _worker_init()
     try:
-        result = run_real_lab(output_dir, settings, configs, args.adapter, args.retrain, args.cache_dir)
-    except MissingAsset as e:
+        result = run_real_lab(output_dir, settings, configs, args.adapter, args.retrain, args.cache_dir,
+                              resume=args.resume)
+    except (MissingAsset, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(result))

@@ -13,7 +13,8 @@ reward (`opsd.reward.math_reward`, which reads `\\boxed{}`). Training prompts an
 different reasoning-gym seeds; held-out questions that occur among the first 4000 training questions are dropped.
 
 Measurements (held-out, greedy unless said): `reward` (math_reward), `boxed` (share with a `\\boxed{}`), `eot`
-(share that ended their turn with `<|im_end|>` within the budget), `kl` (mean per-token reverse KL(student || teacher)
+(share that ended their turn with `<|im_end|>` within the budget; opsd.collapse's end-of-turn rate, with its clipped
+ratio and distinct-2), `kl` (mean per-token reverse KL(student || teacher)
 on the student's own greedy completions, end-of-turn token included), `teacher_nll` (mean per-token NLL under the
 student of the teacher's greedy completions: how far the student has drifted from the teacher's text).
 """
@@ -347,6 +348,7 @@ def evaluate_model(model, teacher, tokenizer, rows, max_new_tokens: int, referen
     (`reward`, `kl`, `teacher_nll`) for paired comparisons. `reference`: the teacher's completions for
     `teacher_nll` (None: not measured). KL needs `teacher` (None: not measured). `keep_ids`: also return the
     completions' token ids (`ids`)."""
+    from opsd.collapse import completion_metrics, stop_token_ids
     from opsd.reward import math_reward
 
     was = model.training
@@ -355,9 +357,11 @@ def evaluate_model(model, teacher, tokenizer, rows, max_new_tokens: int, referen
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in gens]
     rewards = [math_reward(t, r["answer"]) for t, r in zip(texts, rows)]
     prompts = prompt_ids(tokenizer, rows)
+    signals = completion_metrics([ids for ids, _ in gens], stop_token_ids(tokenizer), max_new_tokens)
     out = {"n": len(rows), "reward": sum(rewards) / len(rows),
            "boxed": sum("\\boxed{" in t for t in texts) / len(rows),
-           "eot": sum(ended for _, ended in gens) / len(rows),
+           "eot": signals["eot_rate"], "clipped_ratio": signals["clipped_ratio"],
+           "distinct_2": signals.get("distinct_2"),
            "mean_length": sum(len(ids) for ids, _ in gens) / len(rows),
            "samples": texts[:4], "per_prompt": {"reward": rewards}}
     if teacher is not None:

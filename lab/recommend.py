@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--student", default=None, help="student model directory (with --teacher and --prompts)")
     p.add_argument("--teacher", default=None)
     p.add_argument("--tokenizer", default=None, help="default: the student's")
-    p.add_argument("--prompts", default=None, help="jsonl with a `prompt` column (plain text, no chat template)")
+    p.add_argument("--prompts", default=None, help="jsonl with a `prompt` column: plain text as is, or a list of "
+                   "chat messages (opsd.data's layout, e.g. prepare_data.sh output) through the chat template")
     p.add_argument("--lab_task", default=None, help="use a lab task's models and eval prompts instead")
     p.add_argument("--task_module", action="append", default=[], help="module registering lab tasks")
     p.add_argument("--lab_cache", default=".cache/lab")
@@ -229,6 +230,12 @@ def main(argv=None) -> int:
     except (OSError, KeyError, json.JSONDecodeError) as err:
         _error(f"--prompts {prompt_file}: {err!r} (a jsonl file with a `prompt` column)")
     tokenizer = load_tokenizer(tok_dir)
+    if any(not isinstance(p, str) for p in prompts):  # conversational rows (opsd.data's layout): the chat template
+        if not getattr(tokenizer, "chat_template", None):
+            _error(f"--prompts {prompt_file}: conversational prompts (message lists) but the tokenizer has no chat "
+                   "template")
+        prompts = [p if isinstance(p, str) else
+                   tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     student = load_causal_lm(student_dir, what="Student").eval()
     teacher = load_causal_lm(teacher_dir, what="Teacher").eval()
     stats = measure_pair(student, teacher, tokenizer, prompts, max_new, top_k, args.seed)

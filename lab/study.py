@@ -262,12 +262,18 @@ def probe_selectors(student, teacher, tokenizer, prompts, configs, max_new_token
 
 # ------------------------------------------------------------------------------------------- distillation runs
 def _quiet():
+    """Library chatter off in the lab's processes: transformers' and peft's warnings and progress bars, and the
+    line bitsandbytes logs on AVX512-BF16 CPUs when it cannot fetch an optional kernel from the hub (it never
+    needs to: the lab's runs use no 4-bit layers)."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=UserWarning, module="(transformers|peft)")
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 

@@ -11,7 +11,8 @@
 #                                                reasoning-gym chain_sum; probe, census, all-token OPD, soft_or@0.2,
 #                                                entropy_sample@0.2; writes runs/real-demo-<time>/report.{md,json}
 #                                                (installs the real assets: requirements-real*.txt)
-#   bash run_scripts/demo.sh --real --full       the lab's rule set, 3 seeds, 40 steps, + the fixed-context diagnostic
+#   bash run_scripts/demo.sh --real --full       the lab's rule set, 3 seeds, + the fixed-context diagnostic
+#   bash run_scripts/demo.sh --real --controls   the 2026 controls and moonshot candidates (with --full: both sets)
 #   bash run_scripts/demo.sh --real --retrain    train the teacher's adapter again (cached in .cache/real/adapters)
 # With --real, extra flags go to `python -m lab.real_lab` (--output_dir, --configs, --seeds, --steps, --workers, ...).
 # Variables:
@@ -35,6 +36,8 @@ fi
 opsd_python
 # one thread per process: multi-threaded tiny kernels stall when another process takes a core
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# the lab reads only local files: no hub lookups (bitsandbytes tries one for an optional CPU kernel at import)
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 if [ "$real" = 1 ]; then
   exec "$PYTHON" -m lab.real_lab ${args[@]+"${args[@]}"}
 fi

@@ -15,6 +15,9 @@ from support import save_pair
 # the user's relative paths against it; the suite starts scripts from directories of its own, and must not inherit
 # the one run_scripts/test.sh was started from.
 os.environ.pop("OPSD_CALLER_DIR", None)
+# Nothing in the suite may reach a model hub: transformers' kernels hub lookups (bitsandbytes tries one at import on
+# AVX512-BF16 CPUs) fail fast offline instead of attempting the network, here and in the scripts the tests start.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _cpu_model() -> str:

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lab import real_lab, real_task
+from opsd.preflight import UserError
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,69 @@ def test_fixed_context_diagnostic_runs_on_chat_prompts_and_summarizes(tokenizer,
     assert {r["selector"] for r in report["runs"]} >= {"random", "divergence_topk", "soft_or", "teachability"}
     lines = real_lab.diagnostic_summary(report)
     assert any("teachability" in line.lower() for line in lines) and len(lines) > 6
+
+
+def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path):
+    out = str(tmp_path / "lab")
+    (tmp_path / "lab").mkdir()
+    settings = real_lab.RealSettings(steps=3, seeds=(0,))
+    assert real_lab._previous_runs(out, settings, "r8-all", resume=False) == []
+    (tmp_path / "lab" / "runs.jsonl").write_text('{"config": "all_tokens", "seed": 0}\n')
+    more_seeds = real_lab.RealSettings(steps=3, seeds=(0, 1, 2), workers=2)  # seeds and workers may change
+    assert real_lab._previous_runs(out, more_seeds, "r8-all", resume=True) == [{"config": "all_tokens", "seed": 0}]
+    with pytest.raises(UserError) as err:
+        real_lab._previous_runs(out, real_lab.RealSettings(steps=4), "r8-all", resume=True)
+    assert "steps 3 there, 4 now" in str(err.value)
+    assert real_lab._previous_runs(out, settings, "r8-all", resume=False) == []  # a fresh lab starts the file again
+    assert not (tmp_path / "lab" / "runs.jsonl").exists()
+
+
+def test_collapse_check_flags_a_drifting_run_and_not_a_healthy_one():
+    before = {"teacher_nll": 0.8, "eot": 1.0, "distinct_2": 0.7}
+    falling = [3.0, 2.8, 2.5, 2.0, 1.5, 1.2]
+    drifted = {"after": {"teacher_nll": 1.2, "eot": 0.3, "distinct_2": 0.1}, "losses": falling}
+    report = real_lab.collapse_check(before, drifted)
+    assert report is not None and {"teacher_nll", "eot_rate"} <= set(report["signals"])
+    assert math.isclose(report["signals"]["teacher_nll"]["relative_change"], 0.5)
+    healthy = {"after": {"teacher_nll": 0.2, "eot": 1.0, "distinct_2": 0.2}, "losses": falling}  # format learnt
+    assert real_lab.collapse_check(before, healthy) is None
+    flat = {"after": drifted["after"], "losses": [2.0, 2.0, 2.0, 2.0]}  # the loss did not fall: not this failure
+    assert real_lab.collapse_check(before, flat) is None
+
+
+def test_probe_check_says_when_the_outcome_contradicts_the_verdict():
+    def report(compatible, lo, hi):
+        return {"probe": {"verdict": {"compatible": compatible, "new_capability": True, "shared_mass": 0.8},
+                          "compatible_mass": 0.9},
+                "table": [{"config": "all_tokens", "vs_start": {"mean": (lo + hi) / 2, "lo": lo, "hi": hi}}]}
+
+    assert "contradicted" in real_lab.probe_check(report(False, 0.1, 0.4))[0]
+    assert "predicted OPD stalls" in real_lab.probe_check(report(False, 0.1, 0.4))[0]
+    assert "agrees" in real_lab.probe_check(report(False, -0.1, 0.2))[0]
+    assert "agrees" in real_lab.probe_check(report(True, 0.1, 0.4))[0]
+    assert real_lab.probe_check({"probe": {"verdict": {}}, "table": []}) == []
+
+
+def test_cross_task_adds_the_real_task_to_the_studys_claims_and_moonshot(capsys):
+    """The shipped study claims (addition, reverse_sum) and the shipped real demo report merge into one table; the
+    moonshot verdict is recomputed over the three tasks."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    study = json.loads((root / "lab/results/study/controls40_claims.json").read_text())
+    real = json.loads((root / "lab/results/real/demo.json").read_text())
+    x = real_lab.cross_task(study, real)
+    assert x["tasks"] == sorted(["addition", "reverse_sum", real_lab.TASK_NAME])
+    soft_or = next(m for m in x["moonshot"] if m["config"] == "soft_or@0.2")
+    assert set(soft_or["tasks"]) == set(x["tasks"]) and soft_or["complete"] and not soft_or["met"]
+    real_row = next(r for r in real["table"] if r["config"] == "soft_or@0.2")
+    assert soft_or["tasks"][real_lab.TASK_NAME]["lo"] == real_row["vs_all_equal_steps"]["lo"]
+    only_synthetic = next(m for m in x["moonshot"] if m["config"] == "position_first@0.3")
+    assert not only_synthetic["complete"]  # not run on the real task: cannot meet the bar
+    claim = next(c for c in x["claims"] if c["claim"].startswith("soft-OR 20% matches all tokens"))
+    assert claim[real_lab.TASK_NAME] != "not run" and claim["addition"].startswith("holds")
+    assert real_lab.main(["--cross_task", str(root / "lab/results/study/controls40_claims.json"),
+                          str(root / "lab/results/real/demo.json")]) == 0
+    assert "| claim | addition | real_chain_sum | reverse_sum |" in capsys.readouterr().out
+    assert real_lab.main(["--cross_task", "missing.json", "missing.json"]) == 2
