@@ -305,6 +305,7 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
     os.makedirs(output_dir, exist_ok=True)
     adapter = adapter or DEFAULT_ADAPTER
     previous = _previous_runs(output_dir, settings, adapter, resume)
+    to_run = tuple(configs)  # new runs: these configurations x settings.seeds; the report covers the earlier ones too
     configs = tuple(dict.fromkeys([*configs, *(r["config"] for r in previous)]))
     student_dir, teacher_dir = real_pair(cache_dir, adapter, retrain, progress=log)
     timing = {"pair_seconds": time.perf_counter() - t0}
@@ -323,7 +324,7 @@ def run_real_lab(output_dir: str, settings: RealSettings, configs=DEMO_CONFIGS, 
         f"KL {before['kl']:.3f}, teacher-text NLL {before['teacher_nll']:.3f} ({time.perf_counter() - t0:.0f} s)")
 
     jobs = [(c, seed, str(student_dir), str(teacher_dir), str(train_file), asdict(settings), eval_rows, reference,
-             before["per_prompt"]["reward"], os.path.join(output_dir, "runs")) for seed in settings.seeds for c in configs
+             before["per_prompt"]["reward"], os.path.join(output_dir, "runs")) for seed in settings.seeds for c in to_run
             if (c, seed) not in {(r["config"], r["seed"]) for r in previous}]
     pool = ProcessPoolExecutor(max_workers=max(1, settings.workers), initializer=_worker_init)
     t = time.perf_counter()
@@ -531,7 +532,7 @@ def format_report(r: dict) -> str:
         lines += [""]
     if r.get("diagnostic"):
         lines += ["## Fixed-context diagnostic (lab.diagnose on the real pair)", "",
-                  "See diagnostic/report.md for the whole report.", ""]
+                  "See diagnostic/diagnostic.md for the whole report.", ""]
         lines += diagnostic_summary(r["diagnostic"])
     t = r["timing"]
     lines += ["## Timing", "", ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in t.items()), ""]
