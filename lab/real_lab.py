@@ -467,7 +467,8 @@ def format_report(r: dict) -> str:
         f"{s['n_eval']} held-out prompts, greedy, at most {s['max_new_tokens']} new tokens; reward = "
         f"opsd.reward.math_reward (reads \\boxed{{}}). Adapter `{r['adapter']}`.", "",
         f"OPD: {s['steps']} steps x batch {s['batch_size']}, lr {s['learning_rate']}, completion length "
-        f"{s['max_new_tokens']}, reverse KL, seeds {list(s['seeds'])}, {s['workers']} worker(s) x 1 thread.", "",
+        f"{s['max_new_tokens']}, reverse KL, seeds {sorted({run['seed'] for run in r['runs']})}, {s['workers']} "
+        "worker(s) x 1 thread.", "",
         "## Before distillation", "",
         "| model | reward | boxed | end-of-turn | KL(student‖teacher) | teacher-text NLL |", "|---|---|---|---|---|---|",
         f"| teacher | {_f(te['reward'])} | {_f(te['boxed'])} | {_f(te['eot'])} | | |",
@@ -498,7 +499,9 @@ def format_report(r: dict) -> str:
                      f"{_iv(row.get('vs_all_equal_time'))} | {_iv(row.get('vs_all_equal_compute'))} | "
                      f"{_f(row['teacher_nll'])} | {_f(row['eot'])} | {_f(row['boxed'])} | {_f(row['kl'])} | "
                      f"{row.get('collapsed_seeds', 0)}/{row['seeds']} | {_f(row['train_cpu_seconds'], '.0f')} |")
-    lines += ["", f"{len(r['settings']['seeds'])} seed(s) x {s['n_eval']} held-out prompts. Intervals: lab.study's "
+    seeds = sorted({run["seed"] for run in r["runs"]})
+    lines += ["", f"Seeds {seeds} (per configuration: the denominator of its collapse column) x {s['n_eval']} held-out prompts. "
+              "Intervals: lab.study's "
               "paired bootstrap (seeds and prompts resampled; percentile 95%). time: the run's process CPU seconds of "
               "training over the same seed's all-token run (one torch thread per run; evaluations excluded); `*`: "
               "slower than all tokens on some seed, then compared with the all-token run at its end (equal steps). "
@@ -597,7 +600,8 @@ def cross_task(study_claims: dict, real: dict) -> dict:
 def format_cross_task(x: dict) -> str:
     tasks = x["tasks"]
     lines = ["| claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    lines += [f"| {row['claim']} | " + " | ".join(row.get(t, "not run") for t in tasks) + " |" for row in x["claims"]]
+    lines += [f"| {row['claim']} | " + " | ".join(row.get(t, "not run") for t in tasks) + " |" for row in x["claims"]
+              if any(row.get(t, "not run") != "not run" for t in tasks)]
     lines += ["", "| config | " + " | ".join(f"{t}: vs all, equal steps (time, seeds)" for t in tasks) + " | met |",
               "|---|" + "---|" * (len(tasks) + 1)]
     for m in x["moonshot"]:
